@@ -67,10 +67,12 @@ def prepare_embedded(models_dir: Path, force: bool = False) -> Path:
     out = models_dir / EMBEDDED_NAME
     marker = out / MARKER
     source_digest = _sha256(gguf)
-    if not force and marker.is_file():
-        if json.loads(marker.read_text()).get("source_sha256") == source_digest:
-            log.info("base model already prepared at %s", out)
-            return out
+    prepared = (
+        marker.is_file() and json.loads(marker.read_text()).get("source_sha256") == source_digest
+    )
+    if prepared and not force:
+        log.info("base model already prepared at %s", out)
+        return out
 
     steps = tqdm(total=5, desc="prepare SmolLM2-135M-Instruct", unit="step")
     steps.set_postfix_str("load GGUF")

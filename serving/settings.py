@@ -55,10 +55,11 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="Admin API key (tenant management). Unset: admin routes are closed."
     )
-    auth_required: bool = Field(
-        False,
-        description="Require a tenant API key on the OpenAI routes. When false, requests with no "
-        "key act as the built-in `public` tenant (static --lora adapters and the base model).",
+    auth_required: bool | None = Field(
+        None,
+        description="Require a tenant API key on the OpenAI routes (default: required when an "
+        "admin key is set). When not required, requests without a valid tenant key act as the "
+        "built-in `public` tenant, which sees the base model and the static --lora adapters.",
     )
     max_adapter_bytes: int = Field(256 * 1024 * 1024, description="Largest adapter upload.")
     tenant_max_adapters: int = Field(64, description="Default per-tenant adapter quota.")
@@ -67,6 +68,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Static adapters NAME=PATH registered at start-up."
     )
     log_level: str = Field("info", description="Log level.")
+
+    @property
+    def requires_auth(self) -> bool:
+        return self.admin_key is not None if self.auth_required is None else self.auth_required
 
     @property
     def models_dir(self) -> Path:

@@ -1,0 +1,29 @@
+"""What the running server holds: built once at start-up, reached from every route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from adapters.service import AdapterService
+from serving.engine import AdapterLifecycle
+from serving.settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    base_name: str
+    base_path: str
+    adapters: AdapterService
+    engine: object  # ObservedEngine around vLLM's AsyncLLM
+    lifecycle: AdapterLifecycle
+    serving_models: object
+    serving_chat: object
+    serving_completion: object
+    started_at: float
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.tenantlora
