@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -69,6 +70,7 @@ async def _lifespan(app: FastAPI):
         on_resident=metrics.ADAPTERS_RESIDENT.set,
     )
     models, chat, completion = build_serving(engine, base_name, str(base_path))
+    app.state.engine_client = engine
     app.state.tenantlora = ServerState(
         settings=settings,
         base_name=base_name,
@@ -92,6 +94,9 @@ async def _lifespan(app: FastAPI):
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="tenantlora", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
+    # vLLM's exception handlers read these two.
+    app.state.args = argparse.Namespace(log_error_stack=False)
+    app.state.server = None  # set to the uvicorn.Server by `tenantlora serve`
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)

@@ -100,7 +100,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    )
+    app.state.server = server
+    server.run()
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
 from adapters.registry import Tenant
 from serving import metrics
@@ -141,15 +143,22 @@ async def _serve(raw: Request, tenant: Tenant, state: ServerState, route: str):
         _release(state, lora_id)
         finish(exc.status)
         raise
+    except Exception as exc:  # noqa: BLE001 - vLLM's own mapping of engine errors to statuses
+        _release(state, lora_id)
+        error = create_error_response(exc)
+        finish(error.error.code)
+        if error.error.code >= 500:
+            log.exception("request failed")
+        return _openai_error(error)
     except BaseException:
         _release(state, lora_id)
-        finish(500)
+        finish(499)  # cancelled: the client went away
         raise
 
     if isinstance(result, ErrorResponse):
         _release(state, lora_id)
         finish(result.error.code)
-        return JSONResponse(result.model_dump(), status_code=result.error.code)
+        return _openai_error(result)
     if not isinstance(result, AsyncIterator):
         _release(state, lora_id)
         finish(200)
@@ -168,6 +177,18 @@ async def _serve(raw: Request, tenant: Tenant, state: ServerState, route: str):
             finish(status)
 
     return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _openai_error(error: ErrorResponse) -> JSONResponse:
+    """vLLM's error (HTTP status as `code`) in the shape our other errors have."""
+    info = error.error
+    if info.param == "input_tokens":
+        code = "context_length_exceeded"
+    elif info.code < 500 and info.param:
+        code = f"invalid_{info.param}"
+    else:
+        code = HTTPStatus(info.code).phrase.lower().replace(" ", "_")
+    return error_response(info.code, info.message, code, info.param)
 
 
 def _release(state: ServerState, lora_id: int | None) -> None:
@@ -191,6 +212,3 @@ async def completions(
     state: ServerState = Depends(server_state),
 ):
     return await _serve(raw, tenant, state, "completions")
-
-
-__all__ = ["router", "error_response"]

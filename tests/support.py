@@ -10,26 +10,21 @@ from pathlib import Path
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_random_adapter(
+def make_random_adapters(
     base_path: Path,
-    out: Path,
-    seed: int,
+    outs: dict[Path, int],
     rank: int = 8,
     targets: list[str] | None = None,
     scale: float = 0.5,
-) -> Path:
-    """Save a PEFT LoRA adapter for the base model with random, non-zero A and B matrices.
+) -> list[Path]:
+    """Save PEFT LoRA adapters for the base model with random, non-zero A and B matrices.
 
-    PEFT initialises B to zero (a no-op adapter); we fill both so each adapter changes the
-    model's outputs, differently per seed."""
+    PEFT initialises B to zero (a no-op adapter); we fill both from a seeded generator so each
+    adapter changes the model's outputs, differently per seed. `outs` maps folder -> seed."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    config = AutoConfig.from_pretrained(base_path)
-    # A tiny random stand-in with the base's shapes would do, but the real base keeps the
-    # adapter_config honest (base_model_name_or_path) and costs only a few seconds.
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     lora = LoraConfig(
         r=rank,
@@ -40,17 +35,20 @@ def make_random_adapter(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale / param.shape[-1] ** 0.5)
-    peft_model.save_pretrained(out, safe_serialization=True)
-    del config
-    return out
+    for out, seed in outs.items():
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    noise = torch.randn(param.shape, generator=gen)
+                    param.copy_(noise * scale / param.shape[-1] ** 0.5)
+        peft_model.save_pretrained(out, safe_serialization=True)
+    return list(outs)
 
 
-def tar_gz_bytes(files: dict[str, bytes | Path], *, symlinks: dict[str, str] | None = None) -> bytes:
+def tar_gz_bytes(
+    files: dict[str, bytes | Path], *, symlinks: dict[str, str] | None = None
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, content in files.items():
