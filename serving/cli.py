@@ -11,7 +11,7 @@ import sys
 # Modules that contribute subcommands, each with `register(subparsers) -> None`.
 SUBCOMMAND_MODULES = (
     "serving.cli_serve",
-    "adapters.cli",
+    "serving.cli_client",
     "training.cli",
     "benchmarks.cli",
 )
