@@ -1,0 +1,330 @@
+"""Write a benchmark's results as JSON, Markdown and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def _f(v: float | None, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / MB:,.0f}"
+
+
+def plot_latency_vs_load(results: dict[str, Any], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for scenario, color in (("base-rate", "tab:blue"), ("shared-rate", "tab:orange")):
+        runs = sorted(
+            (x for x in results["loads"] if x["scenario"] == scenario), key=lambda x: x["rate"]
+        )
+        if not runs:
+            continue
+        label = (
+            "base alone"
+            if scenario == "base-rate"
+            else f"shared base, {runs[0]['adapters']} adapters"
+        )
+        rates = [x["rate"] for x in runs]
+        for ax, metric in zip(axes, ("e2e_ms", "ttft_ms"), strict=True):
+            for q, style in (("p50", "-o"), ("p95", "--s"), ("p99", ":^")):
+                vals = [x["summary"][metric][q] for x in runs]
+                ys = [v / 1000 if v is not None else float("nan") for v in vals]
+                ax.plot(rates, ys, style, color=color, label=f"{label} {q}")
+    for ax, title in zip(axes, ("end-to-end latency", "time to first token"), strict=True):
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Latency percentiles against load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput_vs_adapters(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    by = results["analysis"].get("throughput_by_adapters", {})
+    for server, points in by.items():
+        ns = sorted(int(n) for n in points)
+        ax.plot(ns, [points[n] if n in points else points[str(n)] for n in ns], "-o", label=server)
+    base = results["analysis"].get("base_output_throughput")
+    if base:
+        ax.axhline(base, color="k", ls="--", label="base alone (mean of runs)")
+        ax.axhline(0.7 * base, color="grey", ls=":", label="goal: 0.7 x base")
+    for scenario, marker, name in (
+        ("peft", "X", "transformers+PEFT peer"),
+        ("monolithic", "D", "monolithic merged engines"),
+    ):
+        for x in results["loads"]:
+            if x["scenario"] == scenario:
+                ax.plot(
+                    [x["adapters"]],
+                    [x["summary"]["output_throughput"]],
+                    marker,
+                    markersize=10,
+                    label=f"{name} ({x['adapters']})",
+                )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("adapters (tenants) in the Zipf mix")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Aggregate throughput against number of adapters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    names, rss, uss = [], [], []
+    mem = results["memory"]
+    if mem.get("reference"):
+        names.append("base engine\n(no LoRA)")
+        rss.append(mem["reference"]["rss"] / MB)
+        uss.append(mem["reference"]["uss"] / MB)
+    if mem.get("shared"):
+        s = mem["shared"]
+        names += ["shared engine\n0 adapters", f"shared engine\n{s['adapters_loaded']} adapters"]
+        rss += [s["before_adapters"]["rss"] / MB, s["after_adapters"]["rss"] / MB]
+        uss += [s["before_adapters"]["uss"] / MB, s["after_adapters"]["uss"] / MB]
+    for i, m in enumerate((mem.get("monolithic") or {}).get("per_engine", [])):
+        names.append(f"merged engine\n#{i + 1}")
+        rss.append(m["rss"] / MB)
+        uss.append(m["uss"] / MB)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], rss, 0.4, label="RSS (process tree)")
+    ax.bar([x + 0.2 for x in xs], uss, 0.4, label="USS (private to the tree)")
+    ax.set_xticks(list(xs), names, fontsize=7)
+    ax.set_ylabel("MiB")
+    ax.set_title("Measured resident memory per engine")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ext = results["analysis"].get("extrapolation", [])
+    if ext:
+        labels = [str(e["tenants"]) for e in ext]
+        xs = range(len(ext))
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [e["shared_uss_bytes"] / MB for e in ext],
+            0.4,
+            label="one shared base + N adapters",
+        )
+        bars = ax.bar(
+            [x + 0.2 for x in xs],
+            [e["monolithic_uss_bytes"] / MB for e in ext],
+            0.4,
+            label="N merged engines",
+        )
+        for bar, e in zip(bars, ext, strict=True):
+            if e["monolithic_basis"] == "extrapolated":
+                bar.set_hatch("//")
+        ax.set_xticks(list(xs), labels)
+        ax.set_yscale("log")
+        ax.set_xlabel("tenants N (hatched: extrapolated from measured engines)")
+        ax.set_ylabel("MiB (USS)")
+        ax.legend(fontsize=7)
+    ax.set_title("Memory for N tenants")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_hot_swap(results: dict[str, Any], path: Path) -> Path:
+    hs = results["hot_swap"]
+    labels, vals = [], []
+    for key, label in (
+        ("warm_ttft_s_median", "warm adapter\nTTFT"),
+        ("cold_ttft_s_median", "cold adapter\nTTFT"),
+    ):
+        if hs.get(key) is not None:
+            labels.append(label)
+            vals.append(hs[key])
+    if hs.get("merged_cold_start_s"):
+        labels.append("merged model\ncold start to 1st token")
+        vals.append(sum(hs["merged_cold_start_s"]) / len(hs["merged_cold_start_s"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.bar(labels, vals, color=["tab:green", "tab:orange", "tab:red"][: len(vals)])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.2f}s", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds")
+    ax.set_title("Hot swap: cold adapter vs merged-model cold start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
+    m = results["machine"]
+    cfg = results["config"]
+    a = results["analysis"]
+    lines = [
+        f"# Serving benchmark: {results['name']}",
+        "",
+        f"Run {results['started_utc']} to {results.get('finished_utc', '?')} "
+        f"({_f(results.get('wall_s'), 0)} s). Machine: {m['cpu']}, {m['logical_cores']} logical "
+        f"cores, {m['memory_bytes'] / 2**30:.1f} GiB RAM, no GPU"
+        if m.get("gpu_memory_used_bytes") is None
+        else f"Run {results['started_utc']}. Machine: {m['cpu']}, GPU present.",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; commit "
+        f"{m.get('git_commit') or '?'}. Load average at start {_f(m['load_average_start'][0])}, "
+        f"at end {_f((m.get('load_average_end') or [None])[0])}. {m['note']}.",
+        "",
+        f"Workload: {cfg['server']} server, base `{Path(cfg['base_model']).name}`, Zipf exponent "
+        f"{cfg['zipf']}, prompt length {cfg['prompt_len']} words, {cfg['max_tokens']} output "
+        f"tokens (ignore_eos), closed loop at concurrency {cfg['concurrency']} with "
+        f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}), Poisson rates "
+        f"{cfg['rates']} with {cfg['rate_requests']} requests each; engines with memory share "
+        f"{cfg['memory_share']}, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
+        "",
+    ]
+    if results["errors"]:
+        lines += ["**Errors:** " + "; ".join(results["errors"]), ""]
+    lines += [
+        "## Goals (ratios from this one run)",
+        "",
+        "| goal | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    names = {
+        "throughput_32_adapters_vs_base": "throughput, shared base with {adapters} adapters / base alone",
+        "memory_per_tenant_vs_merged": "memory per extra tenant / one more merged engine (USS)",
+        "throughput_vs_peft_peer": "throughput vs transformers+PEFT peer, {adapters} adapters",
+        "cold_adapter_vs_merged_cold_start": "cold adapter first-token latency / merged cold start",
+    }
+    for key, g in a["goals"].items():
+        title = names.get(key, key).format(**g)
+        lines.append(
+            f"| {title} | {g['value']:.3g} | {g['goal']} | {'yes' if g['met'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "## Loads",
+        "",
+        "| run | adapters | mode | req/s | out tok/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms "
+        "| e2e p50/p95/p99 ms | ok/sent | errors | vLLM queue/prefill/decode ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in results["loads"]:
+        s = x["summary"]
+        mode = f"rate {x['rate']}" if x["mode"] == "rate" else f"conc {x['concurrency']}"
+
+        def pq(key: str, s: dict[str, Any] = s) -> str:
+            return "/".join(_f(s[key][q], 0) for q in ("p50", "p95", "p99"))
+
+        ph = x.get("phases_ms") or {}
+        phases = "/".join(_f(ph.get(k), 0) for k in ("queue", "prefill", "decode")) if ph else "-"
+        lines.append(
+            f"| {x['label']} | {x['adapters']} | {mode} | {_f(s['request_throughput'], 2)} | "
+            f"{_f(s['output_throughput'])} | {pq('ttft_ms')} | {pq('tpot_ms')} | {pq('e2e_ms')} | "
+            f"{s['completed']}/{s['requests_sent']} | {s['errors'] or '-'} | {phases} |"
+        )
+    hs = results["hot_swap"]
+    lines += ["", "## Hot swap", ""]
+    if hs.get("trials"):
+        lines.append(
+            f"Server {hs['server']}: first request (32-word prompt, 16 tokens) to a cold adapter: "
+            f"TTFT median {_f(hs['cold_ttft_s_median'], 3)} s, e2e {_f(hs['cold_e2e_s_median'], 3)} s; "
+            f"the same request once warm: TTFT {_f(hs['warm_ttft_s_median'], 3)} s, e2e "
+            f"{_f(hs['warm_e2e_s_median'], 3)} s ({len(hs['trials'])} adapters tried)."
+        )
+    if hs.get("server_adapter_load_s_mean") is not None:
+        lines.append(
+            f"Adapter load time reported by the server: mean {_f(hs['server_adapter_load_s_mean'], 3)} s."
+        )
+    if hs.get("merged_cold_start_s"):
+        lines.append(
+            "Merged model brought up on demand (process spawn to first token): "
+            + ", ".join(f"{v:.1f} s" for v in hs["merged_cold_start_s"])
+            + "."
+        )
+    if hs.get("touch_all"):
+        t = hs["touch_all"]
+        lines.append(
+            f"Loading all {t['adapters']} adapters (one 1-token request each, 4 in flight): "
+            f"{_f(t['wall_s'])} s, {t['completed']} completed."
+        )
+    mem = results["memory"]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        "| engine | role | ready (s) | RSS MiB | USS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in results["engines"].items():
+        mm = e.get("memory") or e.get("memory_end") or {}
+        lines.append(
+            f"| {name} | {e['role']} | {_f(e.get('ready_s'))} | {_mb(mm.get('rss'))} | {_mb(mm.get('uss'))} |"
+        )
+    if mem.get("shared"):
+        s = mem["shared"]
+        lines += [
+            "",
+            f"Shared engine ({s['server']}, process tree): USS {_mb(s['before_adapters']['uss'])} MiB "
+            f"with no adapter loaded, {_mb(s['after_adapters']['uss'])} MiB with "
+            f"{s['adapters_loaded']} loaded: {s['per_adapter_bytes']['uss'] / MB:.2f} MiB USS "
+            f"({s['per_adapter_bytes']['rss'] / MB:.2f} MiB RSS) per additional tenant. Adapter "
+            f"file {_mb(mem.get('adapter_file_bytes'))} MiB, merged checkpoint "
+            f"{_mb(mem.get('merged_file_bytes'))} MiB.",
+        ]
+    if a.get("extrapolation"):
+        lines += [
+            "",
+            "| tenants | shared base + adapters, MiB | basis | merged engines, MiB (USS) "
+            "| merged, MiB (RSS) | basis |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in a["extrapolation"]:
+            lines.append(
+                f"| {e['tenants']} | {_mb(e['shared_uss_bytes'])} | {e['shared_basis']} | "
+                f"{_mb(e['monolithic_uss_bytes'])} | {_mb(e['monolithic_rss_bytes'])} | "
+                f"{e['monolithic_basis']} |"
+            )
+        lines.append(
+            f"\nAbout {a.get('monolithic_engines_that_fit')} merged engines would fit in the "
+            "memory available at the time (extrapolated)."
+        )
+    if results["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>_*.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = results["name"]
+    plots = {
+        "latency_vs_load": plot_latency_vs_load(results, out_dir / f"{name}_latency_vs_load.png"),
+        "throughput_vs_adapters": plot_throughput_vs_adapters(
+            results, out_dir / f"{name}_throughput_vs_adapters.png"
+        ),
+        "memory": plot_memory(results, out_dir / f"{name}_memory.png"),
+        "hot_swap": plot_hot_swap(results, out_dir / f"{name}_hot_swap.png"),
+    }
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str))
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text(markdown(results, {k: p.name for k, p in plots.items()}))
+    return {"json": json_path, "markdown": md_path, **plots}

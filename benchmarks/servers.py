@@ -1,0 +1,239 @@
+"""Benchmark servers as subprocesses: start, wait until ready, measure memory, stop.
+
+Every server runs in its own process group (its own session) on 127.0.0.1 and a free port; stop()
+ends exactly that group. Memory is the sum over the whole process tree (API server, engine core,
+workers): RSS (counts shared libraries in every process) and USS (pages only that tree owns, the
+marginal cost of one more such process tree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_memory(pid: int) -> dict[str, Any]:
+    """RSS and USS (bytes) summed over ``pid`` and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {"rss": 0, "uss": 0, "processes": 0}
+    rss = uss = n = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        uss += getattr(info, "uss", info.rss)
+        n += 1
+    return {"rss": rss, "uss": uss, "processes": n}
+
+
+def gpu_memory() -> int | None:
+    """Used GPU memory in bytes (all GPUs, via nvidia-smi), or None without a GPU."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(int(x) for x in out.split()) * 1024 * 1024
+
+
+def scrape_metrics(root_url: str) -> dict[str, float]:
+    """Prometheus text from ``/metrics``, summed over label sets: name -> value."""
+    try:
+        text = httpx.get(root_url + "/metrics", timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+@dataclass
+class Server:
+    """One server process tree. ``base_model_name`` is the `model` value that means no adapter."""
+
+    name: str
+    cmd: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    base_model_name: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    spawned_at: float = 0.0
+    ready_s: float | None = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.root_url + "/v1"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting %s on port %d (log %s)", self.name, self.port, self.log_path)
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "wb") as logf:
+            self.spawned_at = time.perf_counter()
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float = 600.0) -> float:
+        """Block until /health answers 200 and /v1/models lists a model; returns seconds since
+        spawn (the cold start up to ready)."""
+        assert self.proc is not None
+        deadline = self.spawned_at + timeout
+        with httpx.Client(timeout=5, trust_env=False) as client:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.proc.returncode}): {self.tail()}"
+                    )
+                try:
+                    if client.get(self.root_url + "/health").status_code == 200:
+                        models = client.get(self.base_url + "/models").json()["data"]
+                        if models:
+                            self.ready_s = time.perf_counter() - self.spawned_at
+                            if not self.base_model_name:
+                                self.base_model_name = models[0]["id"]
+                            log.info("%s ready in %.1fs", self.name, self.ready_s)
+                            return self.ready_s
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.tail()}")
+
+    def memory(self) -> dict[str, Any]:
+        assert self.proc is not None
+        return tree_memory(self.proc.pid)
+
+    def tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        """End this server's own process group: SIGTERM, then SIGKILL after ``grace``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(10)
+        # Workers may outlive the leader for a moment; end what is left of the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        log.info("stopped %s", self.name)
+
+
+def tenantlora_server(
+    name: str,
+    base_model: str,
+    loras: dict[str, Path],
+    log_dir: Path,
+    data_dir: Path,
+    max_loras: int,
+    max_cpu_loras: int,
+    max_model_len: int,
+    memory_share: float,
+    cpu_lora_ops: bool | None = None,
+    enforce_eager: bool = False,
+) -> Server:
+    """`tenantlora serve` (our server) with static adapters."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--base-model", base_model]
+    cmd += ["--port", str(port), "--data-dir", str(data_dir), "--served-model-name", "base"]
+    cmd += ["--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras)]
+    cmd += ["--max-model-len", str(max_model_len), "--memory-share", str(memory_share)]
+    for lname, path in loras.items():
+        cmd += ["--lora", f"{lname}={path}"]
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    env = {}
+    if cpu_lora_ops is not None:
+        env["TENANTLORA_CPU_LORA_OPS"] = "1" if cpu_lora_ops else "0"
+        if not cpu_lora_ops:
+            cmd.append("--no-cpu-lora-ops")
+    return Server(name, cmd, port, log_dir / f"{name}.log", env, base_model_name="base")
+
+
+def vllm_server(
+    name: str,
+    model: str,
+    loras: dict[str, Path],
+    log_dir: Path,
+    max_loras: int,
+    max_cpu_loras: int,
+    max_model_len: int,
+    memory_share: float,
+    enforce_eager: bool = False,
+) -> Server:
+    """vLLM's own OpenAI server; with adapters it enables LoRA, without them it is a plain engine."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    cmd += ["--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1"]
+    cmd += ["--max-model-len", str(max_model_len), "--dtype", "bfloat16"]
+    cmd += ["--gpu-memory-utilization", str(memory_share)]
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    if loras:
+        cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max_loras)]
+        cmd += ["--max-cpu-loras", str(max(max_cpu_loras, max_loras)), "--lora-modules"]
+        cmd += [f"{n}={p}" for n, p in loras.items()]
+    return Server(name, cmd, port, log_dir / f"{name}.log", base_model_name="base")
+
+
+def peft_server(
+    name: str, base_model: str, loras: dict[str, Path], log_dir: Path, threads: int
+) -> Server:
+    """The transformers + PEFT peer (benchmarks.peft_server)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.peft_server", "--base-model", base_model]
+    cmd += ["--port", str(port), "--threads", str(threads), "--served-model-name", "base"]
+    for lname, path in loras.items():
+        cmd += ["--lora", f"{lname}={path}"]
+    return Server(name, cmd, port, log_dir / f"{name}.log", base_model_name="base")
