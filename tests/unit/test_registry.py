@@ -1,33 +1,94 @@
-"""Registry and store: versions, quotas, isolation, atomic commits, persistence."""
+"""Registry and store: versions, quotas, isolation, atomic commits, persistence.
+
+Every registry test runs against SQLite (the embedded default) and PostgreSQL (the shared one).
+PostgreSQL needs a server: `TENANTLORA_TEST_POSTGRES_URL=postgresql://...` (CI starts one with
+`.ci/postgres.sh`); without it those cases are skipped, and under CI (`CI` set) they fail. Each
+test gets its own PostgreSQL schema, dropped afterwards."""
 
 from __future__ import annotations
 
+import os
+import threading
+import uuid
+from urllib.parse import quote
+
 import pytest
 
-from adapters.errors import NotFound, QuotaExceeded
+from adapters.errors import Conflict, NotFound, QuotaExceeded
 from adapters.keys import hash_key
 from adapters.registry import Registry, split_pinned
 from adapters.service import AdapterService
 from adapters.store import AdapterStore
 from adapters.validation import BaseModelSpec
 
+POSTGRES_URL = os.environ.get("TENANTLORA_TEST_POSTGRES_URL")
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """The same database URL, with every connection's search_path set to `schema`."""
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "registry.db")
+        return
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set TENANTLORA_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+        pytest.skip("TENANTLORA_TEST_POSTGRES_URL is not set")
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield with_search_path(POSTGRES_URL, schema)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
 
 @pytest.fixture()
-def service(tmp_path, base_model_path):
+def service(tmp_path, base_model_path, registry_url):
     spec = BaseModelSpec.from_checkpoint("base", base_model_path)
-    registry = Registry(tmp_path / "registry.db")
-    return AdapterService(
+    registry = Registry(registry_url)
+    yield AdapterService(
         registry, AdapterStore(tmp_path / "store"), spec, max_rank=16, max_bytes=50_000_000
     )
+    registry.close()
 
 
-def test_keys_are_stored_only_as_hashes(tmp_path, service):
+def stored_bytes(registry_url: str, tmp_path) -> bytes:
+    """Everything the database holds, as bytes: the SQLite files, or PostgreSQL's rows."""
+    if not registry_url.startswith("postgresql://"):
+        return b"".join(p.read_bytes() for p in tmp_path.glob("registry.db*"))  # db + WAL
+    import psycopg
+
+    with psycopg.connect(registry_url) as conn:
+        rows = [
+            *conn.execute("SELECT * FROM tenants").fetchall(),
+            *conn.execute("SELECT * FROM adapter_versions").fetchall(),
+        ]
+    return repr(rows).encode()
+
+
+def test_backend_follows_the_url(service, registry_url):
+    expected = "postgresql" if registry_url.startswith("postgresql://") else "sqlite"
+    assert service.registry.backend == expected
+    with pytest.raises(ValueError, match="unsupported registry database URL"):
+        Registry("mysql://x@y/z")
+
+
+def test_keys_are_stored_only_as_hashes(tmp_path, service, registry_url):
     tenant, key = service.registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("registry.db*"))  # db + WAL
+    raw = stored_bytes(registry_url, tmp_path)
     assert key.encode() not in raw
     assert hash_key(key).encode() in raw
     assert service.registry.tenant_by_key(key) == tenant
     assert service.registry.tenant_by_key(key + "x") is None
+    with pytest.raises(Conflict):
+        service.registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
 
 
 def test_versions_pinning_and_isolation(service, adapter_dirs):
@@ -61,14 +122,15 @@ def test_quota_refusal_stores_nothing(service, adapter_dirs):
     assert [a.name for a in service.visible(small)] == ["one"]
 
 
-def test_registry_survives_reopen(tmp_path, service, adapter_dirs):
+def test_registry_survives_reopen(service, adapter_dirs, registry_url):
     tenant, key = service.registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
     version = service.register_folder(tenant, "support", adapter_dirs["a"])
     service.registry.close()
-    reopened = Registry(tmp_path / "registry.db")
+    reopened = Registry(registry_url)
     again = reopened.tenant_by_key(key)
     assert again == tenant
     assert reopened.find_live(again, "support") == version
+    reopened.close()
 
 
 def test_identical_uploads_share_one_stored_copy(service, adapter_dirs):
@@ -82,3 +144,78 @@ def test_identical_uploads_share_one_stored_copy(service, adapter_dirs):
     service.delete(acme, "y")
     service.purge_files([second])
     assert not service.store.path_for(first.digest).exists()
+
+
+def _add(registry: Registry, tenant, name: str, digest: str):
+    return registry.add_version(
+        tenant,
+        name,
+        digest=digest,
+        path=f"/store/{digest}",
+        size_bytes=10,
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj",),
+        base_model="base",
+        source="test",
+    )
+
+
+def test_replicas_sharing_one_database(registry_url):
+    """Two registries on one database (two replicas): each sees the other's writes, versions stay
+    unique and quotas hold under concurrent writers, and ids are never reused."""
+    first, second = Registry(registry_url), Registry(registry_url)
+    try:
+        assert first.ensure_public_tenant() == second.ensure_public_tenant()
+        tenant, key = first.create_tenant("shared", max_adapters=12, max_bytes=10**9)
+        assert second.tenant_by_key(key) == tenant
+        with pytest.raises(Conflict):
+            second.create_tenant("shared", max_adapters=1, max_bytes=1)
+
+        made, errors = [], []
+
+        def writer(registry: Registry, tag: str) -> None:
+            for i in range(8):
+                try:
+                    made.append(_add(registry, tenant, "model", f"{tag}{i}"))
+                except QuotaExceeded as exc:
+                    errors.append(exc)
+
+        threads = [
+            threading.Thread(target=writer, args=(r, t)) for r, t in ((first, "a"), (second, "b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(made) == 12 and len(errors) == 4  # the quota held across both writers
+        assert sorted(v.version for v in made) == list(range(1, 13))
+        assert len({v.id for v in made}) == 12
+        assert {v.id for v in second.list_live(tenant)} == {v.id for v in made}
+
+        deleted = first.delete(tenant, "model", 12)
+        assert second.find_live(tenant, "model").version == 11
+        again = _add(second, tenant, "model", "c0")
+        assert again.version == 13 and again.id > max(v.id for v in deleted)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_postgres_connection_loss_is_survived(registry_url):
+    """A replica whose database connection drops (server restart, idle timeout) reconnects."""
+    if not registry_url.startswith("postgresql://"):
+        pytest.skip("SQLite has no connection to lose")
+    import psycopg
+
+    registry = Registry(registry_url)
+    try:
+        tenant, key = registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
+        pid = registry._db._conn.info.backend_pid
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert registry.tenant_by_key(key) == tenant
+        assert registry._db._conn.info.backend_pid != pid
+        assert _add(registry, tenant, "after", "d1").version == 1
+    finally:
+        registry.close()
