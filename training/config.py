@@ -1,0 +1,72 @@
+"""One configuration dataclass for a training run, with per-method defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Method = Literal["lora", "qlora", "full"]
+METHODS: tuple[str, ...] = ("lora", "qlora", "full")
+
+# All attention and MLP projections of a Llama-style decoder (what vLLM's LoRA layers serve).
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+# Learning rates: adapters train a small, zero-initialised update and take a large rate; full
+# fine-tuning moves every pretrained weight and takes a small one.
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
+
+
+@dataclass
+class TrainConfig:
+    method: Method
+    base: str  # embedded spec, local checkpoint folder, or hub id (serving.base_model)
+    data: Path  # training JSONL
+    out: Path
+    eval_data: Path | None = None  # held-out JSONL for eval loss
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE[method]
+    max_steps: int = 100
+    epochs: float = 1.0  # used when max_steps <= 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    # LoRA / QLoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGET_MODULES)
+    # full: the dtype the checkpoint is saved in (training itself runs in fp32 on a CPU)
+    save_dtype: str = "bfloat16"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.eval_data is not None:
+            self.eval_data = Path(self.eval_data)
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
+        self.target_modules = tuple(self.target_modules)
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
