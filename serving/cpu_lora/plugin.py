@@ -1,0 +1,119 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins`` -> ``register``): grouped LoRA ops
+for vLLM's CPU backend, loaded by vLLM in every process it starts.
+
+What it changes, on the CPU platform of vLLM 0.32.0 only:
+
+- the punica wrapper: ``GroupedPunicaWrapperCPU`` groups the step's tokens by adapter once per
+  step (``update_metadata``) and runs each linear LoRA layer as grouped matmuls
+  (``serving.cpu_lora.ops.grouped_lora_linear``); everything else stays vLLM's own code;
+- the linear LoRA layers' weight storage: after vLLM creates a layer, its per-slice
+  ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked float32 tensor each, so the
+  projections that share an input (q/k/v, gate/up) run as one shrink and one expand.
+
+Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1", the default: on; "0": off); the server's
+``cpu_lora_ops`` setting sets it, and vLLM's child processes inherit it. On any other vLLM
+version, or another platform, the plugin stands down with one log line and vLLM runs unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+SUPPORTED_VLLM = "0.32.0"
+ENV_SWITCH = "TENANTLORA_CPU_LORA_OPS"
+WRAPPER_QUALNAME = "serving.cpu_lora.punica.GroupedPunicaWrapperCPU"
+
+logger = logging.getLogger("tenantlora.cpu_lora")
+_state: dict[str, Any] = {"registered": False}
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """Entry point. Idempotent: vLLM may call it more than once per process."""
+    if _state["registered"]:
+        return
+    _state["registered"] = True
+    import vllm
+
+    if not enabled_by_env():
+        logger.info("tenantlora CPU LoRA ops: off (%s=0)", ENV_SWITCH)
+        return
+    if vllm.__version__ != SUPPORTED_VLLM:
+        logger.warning(
+            "tenantlora CPU LoRA ops: standing down, written for vLLM %s, found %s",
+            SUPPORTED_VLLM,
+            vllm.__version__,
+        )
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        logger.debug("tenantlora CPU LoRA ops: not a CPU platform, nothing to do")
+        return
+    if not hasattr(torch, "_grouped_mm"):
+        logger.warning("tenantlora CPU LoRA ops: standing down, torch has no _grouped_mm")
+        return
+    _patch()
+    logger.info(
+        "tenantlora CPU LoRA ops: on (grouped LoRA matmuls, %s=0 turns them off)", ENV_SWITCH
+    )
+
+
+def _patch() -> None:
+    import vllm.lora.model_manager as model_manager
+    import vllm.lora.utils as lora_utils
+    from vllm.platforms import current_platform
+
+    # vLLM builds the punica wrapper from this qualname (vllm/lora/punica_wrapper/punica_selector.py)
+    type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
+
+    original = lora_utils.from_layer
+
+    def from_layer(*args, **kwargs):
+        layer = original(*args, **kwargs)
+        _stack_layer_weights(layer)
+        return layer
+
+    lora_utils.from_layer = from_layer
+    model_manager.from_layer = from_layer
+
+
+def _stack_layer_weights(layer: Any) -> None:
+    """Move a linear LoRA layer's adapter weights into stacked storage (see ops.stack_lora_weights).
+
+    Only for the plain (not fully sharded, single-rank) linear LoRA layers whose forward goes
+    through ``punica_wrapper.add_lora_linear``; other layers keep vLLM's tensors and ops.
+    """
+    from vllm.lora.layers import (
+        ColumnParallelLinearWithLoRA,
+        MergedColumnParallelLinearWithLoRA,
+        QKVParallelLinearWithLoRA,
+        ReplicatedLinearWithLoRA,
+        RowParallelLinearWithLoRA,
+    )
+    from vllm.lora.layers.column_parallel_linear import MergedQKVParallelLinearWithLoRA
+
+    plain = (
+        ColumnParallelLinearWithLoRA,
+        MergedColumnParallelLinearWithLoRA,
+        QKVParallelLinearWithLoRA,
+        MergedQKVParallelLinearWithLoRA,
+        ReplicatedLinearWithLoRA,
+        RowParallelLinearWithLoRA,
+    )
+    if type(layer) not in plain or getattr(layer, "tp_size", 1) != 1:
+        return
+    if layer.lora_config.fully_sharded_loras or layer.lora_a_stacked[0].device.type != "cpu":
+        return
+    from .ops import stack_lora_weights
+
+    stacked = stack_lora_weights(layer.lora_a_stacked, layer.lora_b_stacked)
+    if stacked is not None and sum(layer.output_slices) == stacked[1].cat.shape[2]:
+        layer.lora_a_stacked, layer.lora_b_stacked = stacked

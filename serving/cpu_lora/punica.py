@@ -1,0 +1,45 @@
+"""The punica wrapper the plugin hands vLLM on the CPU: vLLM's own ``PunicaWrapperCPU`` with the
+linear LoRA op replaced by the grouped one (serving.cpu_lora.ops)."""
+
+from __future__ import annotations
+
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from .ops import TokenGroups, group_tokens, grouped_lora_linear
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    """``update_metadata`` (once per step) also groups the step's tokens by adapter slot;
+    ``add_lora_linear`` (once per linear LoRA layer) uses that grouping when the layer's weights
+    were stacked by the plugin, and falls back to vLLM's own op in every other case."""
+
+    groups: TokenGroups | None = None
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self.groups = group_tokens(self.token_lora_indices, len(lora_index_to_id))
+
+    def add_lora_linear(
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
+    ):
+        a_cat = getattr(lora_a_stacked, "cat", None)
+        b_cat = getattr(lora_b_stacked, "cat", None)
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        groups = self.groups
+        if (
+            a_cat is None
+            or b_cat is None
+            or buffer is not None
+            or kwargs.get("add_inputs", True) is not True
+            or y2.shape[1] != b_cat.shape[2]
+            or x2.shape[0] != y2.shape[0]
+            or x2.shape[0] != len(self.token_lora_indices)
+        ):
+            return super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                buffer=buffer, **kwargs,
+            )  # fmt: skip
+        if groups is not None:  # None: no token of this step has an adapter
+            grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)
+        return None

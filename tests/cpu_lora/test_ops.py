@@ -1,0 +1,200 @@
+"""The grouped CPU LoRA ops against vLLM 0.32's own reference ops (no engine, a few seconds).
+
+Tolerance. Both compute the same float32 products and round at the same points; only the order
+of the float32 sums differs (the reference runs one 1-row product per token, the grouped op one
+GEMM per adapter, and MKL blocks each differently). So float32 results agree within 1e-5, and a
+bf16/fp16 result is either bit-identical or, where a float32 sum lands next to a rounding boundary,
+off by a rounding step: of the rank-r intermediate (which then moves the whole LoRA delta of that
+token by about 2^-m of itself, m the mantissa bits), of the delta, or of the output. The bound
+checked is 1 ulp of the output + 2^-(m-1) of the token's largest |delta|; and for batches of 32+
+tokens at most 2% of the elements may differ at all (typically 0-0.1%).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.lora.layers import LoRAMapping  # noqa: E402
+from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from serving.cpu_lora.ops import (  # noqa: E402
+    group_tokens,
+    grouped_lora_linear,
+    stack_lora_weights,
+)
+from serving.cpu_lora.punica import GroupedPunicaWrapperCPU  # noqa: E402
+
+# (input size, output slices): o_proj/down_proj-like single slices, q/k/v and gate/up stacks.
+LAYERS = [(64, (48,)), (96, (96, 32, 32)), (80, (160, 160)), (576, (576, 192, 192))]
+
+
+def _weights(slots, k, outs, r, dtype, seed, empty_last=True):
+    """vLLM-layout per-slice weights (S, 1, r, K) / (S, 1, N_i, r) plus the stacked copy.
+
+    The last slot stays zero when ``empty_last``: vLLM's reference applies it to tokens without an
+    adapter (slot -1), so only then is "no adapter" the same in both.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a = tuple(torch.zeros(slots, 1, r, k, dtype=dtype) for _ in outs)
+    b = tuple(torch.zeros(slots, 1, n, r, dtype=dtype) for n in outs)
+    filled = slots - 1 if empty_last else slots
+    for i, n in enumerate(outs):
+        a[i][:filled] = (torch.randn(filled, 1, r, k, generator=gen) * 0.1).to(dtype)
+        b[i][:filled] = (torch.randn(filled, 1, n, r, generator=gen) * 0.1).to(dtype)
+    sa, sb = stack_lora_weights(a, b)
+    for i in range(len(outs)):  # what vLLM's set_lora does: copy into the (view) slots
+        sa[i].copy_(a[i])
+        sb[i].copy_(b[i])
+    return a, b, sa, sb
+
+
+def _reference(y, x, a, b, slots_of_tokens, scale):
+    """vLLM's CPU path for one linear LoRA layer (PunicaWrapperCPU.add_lora_linear, decode)."""
+    offset = 0
+    for i, n in enumerate(b_out(b)):
+        buffer = torch.zeros(x.shape[0], a[i].shape[2], dtype=torch.float32)
+        bgmv_shrink(x, a[i], buffer, slots_of_tokens, scale)
+        bgmv_expand_slice(buffer, b[i], y, slots_of_tokens, offset, n, True)
+        offset += n
+
+
+def b_out(b):
+    return [t.shape[2] for t in b]
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of t's dtype at each value of t (as float32)."""
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[t.dtype]
+    exp = torch.floor(torch.log2(t.float().abs().clamp_min(torch.finfo(t.dtype).tiny)))
+    return torch.exp2(exp - mantissa_bits)
+
+
+def _assert_close(got, want, y0, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    diff = (got.float() - want.float()).abs()
+    delta = (want.float() - y0.float()).abs().amax(dim=1, keepdim=True)
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    bound = _ulp(want) + delta * 2.0 ** (1 - mantissa_bits)
+    assert (diff <= bound).all(), f"max diff {diff.max()} over the bound"
+    if got.shape[0] >= 32:
+        share = (diff > 0).float().mean().item()
+        assert share <= 0.02, f"{share:.2%} of the elements differ"
+
+
+CASES = [
+    # dtype, tokens, slots, adapters used, rank, share of tokens without adapter, scale
+    (torch.bfloat16, 32, 8, 1, 16, 0.0, 1.0),
+    (torch.bfloat16, 32, 8, 7, 16, 0.0, 1.0),
+    (torch.bfloat16, 37, 8, 5, 8, 0.3, 1.0),
+    (torch.bfloat16, 1, 4, 1, 16, 0.0, 1.0),
+    (torch.bfloat16, 200, 33, 32, 16, 0.1, 1.0),
+    (torch.bfloat16, 64, 8, 3, 4, 0.5, 0.5),
+    (torch.bfloat16, 16, 4, 2, 64, 0.25, 1.0),
+    (torch.float16, 40, 8, 4, 16, 0.2, 1.0),
+    (torch.float32, 40, 8, 6, 16, 0.2, 2.0),
+    (torch.float32, 5, 3, 1, 32, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda lay: f"k{lay[0]}-{len(lay[1])}slices")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-t{c[1]}-a{c[3]}-r{c[4]}")
+def test_grouped_lora_linear_matches_reference(layer, case):
+    dtype, tokens, slots, used, rank, none_share, scale = case
+    k, outs = layer
+    a, b, sa, sb = _weights(slots, k, outs, rank, dtype, seed=tokens * 31 + used)
+    gen = torch.Generator().manual_seed(tokens + rank)
+    token_slots = torch.randint(0, used, (tokens,), generator=gen)
+    token_slots[torch.rand(tokens, generator=gen) < none_share] = -1
+    x = torch.randn(tokens, k, generator=gen).to(dtype)
+    y0 = torch.randn(tokens, sum(outs), generator=gen).to(dtype)
+
+    want = y0.clone()
+    _reference(want, x, a, b, token_slots, scale)
+    got = y0.clone()
+    groups = group_tokens(token_slots, slots)
+    if groups is not None:
+        grouped_lora_linear(got, x, sa.cat, sb.cat, groups, scale)
+    _assert_close(got, want, y0, dtype)
+    if (token_slots >= 0).any():
+        assert not torch.equal(got, y0), "the adapters must change the output"
+
+
+def test_tokens_without_adapter_are_untouched_even_when_all_slots_are_full():
+    # vLLM 0.32's CPU reference would add the last slot's adapter to these rows.
+    a, b, sa, sb = _weights(4, 64, (32, 32), 8, torch.bfloat16, seed=1, empty_last=False)
+    token_slots = torch.tensor([-1, 3, -1, 0, 2, -1])
+    x = torch.randn(6, 64).bfloat16()
+    y0 = torch.randn(6, 64).bfloat16()
+    got = y0.clone()
+    grouped_lora_linear(got, x, sa.cat, sb.cat, group_tokens(token_slots, 4))
+    none = token_slots < 0
+    assert torch.equal(got[none], y0[none])
+    assert not torch.equal(got[~none], y0[~none])
+
+
+def test_group_tokens():
+    assert group_tokens(torch.tensor([-1, -1]), 4) is None
+    single = group_tokens(torch.tensor([2, 2, 2]), 4)
+    assert single.single == 2 and single.perm is None
+    g = group_tokens(torch.tensor([3, -1, 0, 3, 0, 1]), 4)
+    assert g.single is None and g.num_tokens == 6
+    assert g.perm.tolist() == [2, 4, 5, 0, 3]
+    assert g.offs.tolist() == [2, 3, 3, 5] and g.offs.dtype == torch.int32
+    mixed_none = group_tokens(torch.tensor([1, -1, 1]), 4)  # one adapter but not every token
+    assert mixed_none.single is None and mixed_none.perm.tolist() == [0, 2]
+
+
+def test_stacked_views_write_through_and_keep_block_diagonal_zero():
+    a, b, sa, sb = _weights(3, 16, (8, 4), 2, torch.bfloat16, seed=2, empty_last=False)
+    assert [t.shape for t in sa] == [t.shape for t in a]
+    assert [t.shape for t in sb] == [t.shape for t in b]
+    assert sa.cat.shape == (3, 1, 4, 16) and sb.cat.shape == (3, 1, 12, 4)
+    sb[1][2] = 0  # what vLLM's reset_lora does
+    assert sb.cat[2, 0, 8:, 2:].abs().sum() == 0
+    assert torch.equal(sb.cat[1, 0, :8, :2], b[0][1, 0].float())
+    assert sb.cat[:, :, :8, 2:].abs().sum() == 0 and sb.cat[:, :, 8:, :2].abs().sum() == 0
+    assert stack_lora_weights(a, b[:1]) is None
+
+
+def _mapping(token_ids, prefill):
+    return LoRAMapping(index_mapping=tuple(token_ids), prompt_mapping=tuple(token_ids),
+                       is_prefill=prefill)  # fmt: skip
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_punica_wrapper_matches_vllm_wrapper(prefill):
+    """The wrapper the plugin installs, against vLLM's PunicaWrapperCPU, through update_metadata."""
+    slots, k, outs, rank = 6, 96, (96, 32, 32), 16
+    a, b, sa, sb = _weights(slots, k, outs, rank, torch.bfloat16, seed=3)
+    lora_index_to_id = [11, 12, 13, None, 15, None]  # slot -> adapter id
+    ids = [11, 0, 12, 12, 15, 0, 13, 11, 11, 15]  # one per token; 0: no adapter
+    x = torch.randn(len(ids), k).bfloat16()
+    y0 = torch.randn(len(ids), sum(outs)).bfloat16()
+    ref, new = PunicaWrapperCPU(64, 8, "cpu"), GroupedPunicaWrapperCPU(64, 8, "cpu")
+    results = []
+    for wrapper, (wa, wb) in ((ref, (a, b)), (new, (sa, sb))):
+        wrapper.update_metadata(_mapping(ids, prefill), lora_index_to_id, slots + 1, 1000)
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, wa, wb, 1.0, outs)
+        results.append(y)
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[1], y0)
+
+
+def test_punica_wrapper_falls_back_for_unstacked_weights():
+    a, b, _, _ = _weights(4, 32, (16,), 4, torch.bfloat16, seed=4)
+    ids = [1, 2, 0, 1]
+    x, y0 = torch.randn(4, 32).bfloat16(), torch.randn(4, 16).bfloat16()
+    ys = []
+    for wrapper in (PunicaWrapperCPU(64, 8, "cpu"), GroupedPunicaWrapperCPU(64, 8, "cpu")):
+        wrapper.update_metadata(_mapping(ids, False), [1, 2, None, None], 5, 1000)
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, a, b, 1.0, (16,))
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
