@@ -318,3 +318,32 @@ def test_metrics_move_by_the_right_amounts(live_server, tenants):
     assert any(name.startswith("vllm:") for name, _ in after)  # vLLM's engine metrics too
     loads = [v for (n, _), v in after.items() if n == "tenantlora_adapter_loads_total"]
     assert sum(loads) >= 2
+
+
+def _cli(live_server, *args: str, key: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args, "--url", live_server.url, "--key", key],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_command_line_client(live_server, adapter_dirs):
+    created = json.loads(
+        _cli(live_server, "tenants", "create", "cli-tenant", key=live_server.admin_key)
+    )
+    key = created["api_key"]
+    added = json.loads(
+        _cli(live_server, "adapters", "add", "from-cli", str(adapter_dirs["b"]), key=key)
+    )
+    assert added["id"] == "from-cli@1" and added["owner"] == "cli-tenant"
+    assert "from-cli@1" in _cli(live_server, "adapters", "list", key=key)
+    assert _greedy(live_server.client(key), "from-cli")
+    assert json.loads(_cli(live_server, "adapters", "rm", "from-cli", key=key))["deleted"] is True
+    assert "from-cli" not in _cli(live_server, "adapters", "list", key=key)
