@@ -17,11 +17,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_MARKER = "tenantlora-bench-fixture.json"
+
+
+def _marker(path: Path) -> Path:
+    # Beside the folder, not in it: servers validate adapter folders strictly.
+    return path.with_name(path.name + ".fixture.json")
 
 
 def _is_complete(path: Path, kind: str) -> bool:
-    marker = path / _MARKER
+    marker = _marker(path)
     if not marker.exists():
         return False
     try:
@@ -31,7 +35,7 @@ def _is_complete(path: Path, kind: str) -> bool:
 
 
 def _write_marker(path: Path, **info: object) -> None:
-    (path / _MARKER).write_text(json.dumps(info, indent=1))
+    _marker(path).write_text(json.dumps(info, indent=1))
 
 
 def _load_base(base_model: str):

@@ -42,6 +42,8 @@ def run_command(args: argparse.Namespace) -> int:
         "peft_threads",
         "zipf",
         "memory_share",
+        "rate_requests",
+        "duration",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -66,6 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.quick
         else BenchConfig(**common, **overrides)
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     results = Bench(cfg).run()
     paths = write_report(results, out_dir)
     for kind, path in paths.items():
@@ -99,6 +102,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", help="Poisson rates for the latency-vs-load sweep, e.g. 0.5,1,2")
     parser.add_argument("--requests", type=int, help="Requests per closed-loop run")
     parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--rate-requests", type=int, help="Requests per Poisson-rate run")
+    parser.add_argument("--duration", type=float, help="Bound of each load run (s)")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--zipf", type=float)
     parser.add_argument("--memory-share", type=float)

@@ -12,6 +12,7 @@ on a shared, noisy 2-core machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -137,20 +138,58 @@ def generate(llm, n_adapters: int, paths: list[Path], tokens: int = 64, n_prompt
     return sum(len(i) for i in ids) / dt, dt, ids
 
 
-def profile(n_adapters: int, out: Path, tokens: int = 64) -> str:
-    """torch.profiler table (top ops by self CPU time) of a mixed-adapter generate call."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
+def _frame(frame: str) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py)': aggregate a function over its lines."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0].rsplit('/', 1)[-1].rstrip(')')})"
+
+
+def summarize_pyspy(raw: str, top: int = 15) -> dict:
+    """Self and inclusive sample shares per function from py-spy's raw (collapsed) output."""
+    from collections import Counter
+
+    self_c, incl_c, total = Counter(), Counter(), 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame(f) for f in stack.split(";")]
+        total += n
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl_c[f] += n
+    share = lambda c: [(f, round(100 * n / total, 1)) for f, n in c.most_common(top)]  # noqa: E731
+    return {"samples": total, "self": share(self_c), "inclusive": share(incl_c)}
+
+
+def profile(n_adapters: int, tokens: int = 64) -> dict:
+    """py-spy profile (sampling, in this process) of one 32-prompt generate call, mixed adapters.
+
+    Run with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by ``main``); the
+    plugin is on or off as TENANTLORA_CPU_LORA_OPS says.
+    """
+    import signal
+    import subprocess
+    import tempfile
 
     paths = make_adapters(max(n_adapters, 1))
-    llm = build_llm(lora=True)
+    llm = build_llm(lora=n_adapters > 0)
     generate(llm, n_adapters, paths, tokens=8)  # warm-up: loads the adapters
-    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        tps, dt, _ = generate(llm, n_adapters, paths, tokens=tokens)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    text = f"{n_adapters} adapters, {tps:.0f} tok/s under the profiler ({dt:.1f} s)\n{table}"
-    out.write_text(text)
-    return text
+    out = Path(tempfile.mkdtemp()) / "pyspy.txt"
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "100",
+         "--nonblocking", "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(2)
+    tps, dt, _ = generate(llm, n_adapters, paths, tokens=tokens)
+    spy.send_signal(signal.SIGINT)
+    spy.wait(timeout=120)
+    summary = summarize_pyspy(out.read_text())
+    summary.update(adapters=n_adapters, ops=os.environ.get("TENANTLORA_CPU_LORA_OPS", "1"),
+                   tok_s=round(tps, 1), seconds=round(dt, 2))  # fmt: skip
+    return summary
 
 
 def main() -> None:
@@ -158,11 +197,17 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("profile")
     p.add_argument("--adapters", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path("/tmp/cpu_lora_profile.txt"))
+    p.add_argument("--ops", choices=["0", "1"], default="1", help="plugin off (0) or on (1)")
+    p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
     args = ap.parse_args()
     if args.cmd == "profile":
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
-        print(profile(args.adapters, args.out))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, for py-spy
+        os.environ["TENANTLORA_CPU_LORA_OPS"] = args.ops
+        summary = profile(args.adapters)
+        text = json.dumps(summary, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
 
 
 if __name__ == "__main__":

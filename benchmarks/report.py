@@ -216,6 +216,19 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines.append(
             f"| {title} | {g['value']:.3g} | {g['goal']} | {'yes' if g['met'] else 'NO'} |"
         )
+    if a.get("paired_ratios"):
+        counts = cfg["adapter_counts"]
+        lines += [
+            "",
+            "Throughput of the shared base over the reference run of the same group "
+            "(side by side):",
+            "",
+            "| server | " + " | ".join(f"N={n}" for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for server, ratios in a["paired_ratios"].items():
+            cells = [_f(ratios.get(n, ratios.get(str(n))), 2) for n in counts]
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Loads",
@@ -301,8 +314,10 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                 f"{e['monolithic_basis']} |"
             )
         lines.append(
-            f"\nAbout {a.get('monolithic_engines_that_fit')} merged engines would fit in the "
-            "memory available at the time (extrapolated)."
+            f"\nMerged engines that would fit (extrapolated from the measured USS): about "
+            f"{a.get('monolithic_engines_that_fit')} in the memory available at the time "
+            f"({_mb(mem['monolithic']['available_bytes'])} MiB, the machine is shared), about "
+            f"{a.get('monolithic_engines_that_fit_total_ram')} in all of the machine's RAM."
         )
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
