@@ -20,6 +20,7 @@ _SERVE_FLAGS: dict[str, dict] = {
     "max_lora_rank": {"type": int},
     "max_model_len": {"type": int},
     "memory_share": {"type": float},
+    "kv_cache_gib": {"type": float},
     "dtype": {"type": str},
     "max_num_seqs": {"type": int},
     "max_adapter_bytes": {"type": int},

@@ -30,6 +30,7 @@ def on_gpu() -> bool:
 def build_engine_args(settings: Settings, model_path: Path, served_name: str):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    gpu = on_gpu()
     return AsyncEngineArgs(
         model=str(model_path),
         served_model_name=[served_name],
@@ -40,7 +41,8 @@ def build_engine_args(settings: Settings, model_path: Path, served_name: str):
         max_loras=settings.max_loras,
         max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
         max_lora_rank=settings.max_lora_rank,
-        gpu_memory_utilization=settings.effective_memory_share(on_gpu()),
+        gpu_memory_utilization=settings.effective_memory_share(gpu),
+        kv_cache_memory_bytes=settings.kv_cache_bytes(gpu),
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=settings.enforce_eager,
         disable_log_stats=False,

@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     memory_share: float | None = Field(
         None,
         description="Share of device memory for weights and KV cache (vLLM "
-        "gpu_memory_utilization; on CPU the share of the NUMA node). Default 0.4 on CPU, 0.9 on GPU.",
+        "gpu_memory_utilization; on CPU the share of the NUMA node reserved). Default 0.9 on GPU; "
+        "on CPU the default is a fixed KV cache of kv_cache_gib instead.",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        description="KV cache size in GiB, instead of a memory share. Default 2 on CPU when no "
+        "memory share is given (a share of a big host's memory would reserve far more than a "
+        "small model needs).",
     )
     dtype: str = Field("bfloat16", description="Weights and activation dtype.")
     max_num_seqs: int = Field(64, description="Largest number of sequences in one engine step.")
@@ -84,6 +91,14 @@ class Settings(BaseSettings):
     @property
     def registry_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    def kv_cache_bytes(self, on_gpu: bool) -> int | None:
+        """An explicit KV cache size, or None to size it from the memory share."""
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * 1024**3)
+        if not on_gpu and self.memory_share is None:
+            return 2 * 1024**3
+        return None
 
     def effective_memory_share(self, on_gpu: bool) -> float:
         if self.memory_share is not None:

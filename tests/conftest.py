@@ -163,7 +163,7 @@ def live_server(base_model_path, adapter_dirs, tmp_path_factory):
             "--max-lora-rank", "16",
             "--max-model-len", "1024",
             "--max-num-seqs", "32",
-            "--memory-share", "0.25",
+            "--kv-cache-gib", "1",
         ],
         log_path,
     )  # fmt: skip
