@@ -46,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps,
+        eval_before=not args.skip_eval_before,
         lora_r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
@@ -167,6 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--logging-steps", type=int, default=5)
+    p.add_argument(
+        "--skip-eval-before", action="store_true", help="skip the held-out loss before training"
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")

@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     logging_steps: int = 5
+    eval_before: bool = True  # held-out loss before training too (costs one eval pass)
     # LoRA / QLoRA
     lora_r: int = 8
     lora_alpha: int = 16

@@ -70,7 +70,8 @@ def train_jobs(
                         "--threads",
                         str(args.threads),
                         "--logging-steps",
-                        "4",
+                        "2",
+                        *(["--skip-eval-before"] if args.skip_eval_before else []),
                     ],
                 )
             )
@@ -107,7 +108,8 @@ def train_jobs(
             )
         )
     # Alternate the two methods so parallel workers finish at about the same time.
-    return sorted(jobs, key=lambda j: (TASK_NAMES.index(j[1]) if j[1] in TASK_NAMES else 9, j[0]))
+    order = args.order.split(",")
+    return sorted(jobs, key=lambda j: (order.index(j[1]) if j[1] in order else 9, j[0] == "qlora"))
 
 
 def stage_train(args: argparse.Namespace, data: Path, work: Path) -> None:
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=24)
     p.add_argument("--qlora-task", default="intent")
     p.add_argument("--qlora-steps", type=int, default=2, help="QLoRA probe steps (0: skip)")
+    p.add_argument("--skip-eval-before", action="store_true")
+    p.add_argument(
+        "--order", default="intent,format,catalog,extract", help="tasks trained first come first"
+    )
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--nice", type=int, default=5)

@@ -326,40 +326,34 @@ def _score_catalog(prediction: str, reference: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# general: the forgetting check. Each question lists the accepted answer words. The list was
-# filtered to questions the base SmolLM2-135M-Instruct answers correctly (greedy, vLLM).
+# general: the forgetting check. Each question lists the accepted answer words (whole words).
+# Kept: the questions the base SmolLM2-135M-Instruct answered correctly, greedy, in a check of
+# 24 candidates (it failed Spain, largest planet, boiling point, bees, continents, ...).
 
 GENERAL_QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of France?", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
     ("What is the capital of Italy?", ("rome",)),
     ("What is the capital of Germany?", ("berlin",)),
-    ("What is the capital of Spain?", ("madrid",)),
     ("What is the capital of the United Kingdom?", ("london",)),
-    ("What is the largest planet in our solar system?", ("jupiter",)),
+    ("What is the capital of Canada?", ("ottawa",)),
     ("Who wrote Romeo and Juliet?", ("shakespeare",)),
-    ("What is the chemical symbol for water?", ("h2o", "h₂o")),
+    ("What is the chemical symbol for water?", ("h2o",)),
     ("How many days are there in a week?", ("seven", "7")),
     ("What color is the sky on a clear day?", ("blue",)),
     ("What gas do plants absorb from the air for photosynthesis?", ("carbon dioxide", "co2")),
-    ("What is the boiling point of water in degrees Celsius at sea level?", ("100",)),
     ("How many legs does a spider have?", ("eight", "8")),
     ("Which planet is known as the Red Planet?", ("mars",)),
     ("What is the opposite of hot?", ("cold",)),
-    ("What do bees make?", ("honey",)),
     ("Which ocean is the largest?", ("pacific",)),
     ("What is the main language spoken in Brazil?", ("portuguese",)),
     ("Who painted the Mona Lisa?", ("leonardo", "da vinci")),
-    ("What is the freezing point of water in degrees Celsius?", ("0", "zero")),
-    ("How many continents are there on Earth?", ("seven", "7")),
-    ("What is the capital of Canada?", ("ottawa",)),
-    ("What animal is known as the king of the jungle?", ("lion",)),
 ]
 
 
 def _score_general(prediction: str, reference: str) -> float:
     text = prediction.lower()
-    return float(any(word in text for word in reference.split("|")))
+    return float(any(re.search(rf"\b{re.escape(w)}\b", text) for w in reference.split("|")))
 
 
 def general_records() -> list[Record]:

@@ -218,7 +218,9 @@ def train(cfg: TrainConfig) -> TrainingReport:
     )
     trainer = build_trainer(cfg, loaded, train_ds, eval_ds)
 
-    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    eval_before = (
+        trainer.evaluate()["eval_loss"] if eval_ds is not None and cfg.eval_before else None
+    )
     started = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - started

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from serving.settings import DEFAULT_BASE_MODEL
 from training.config import TrainConfig
 from training.report import TrainingReport
 from training.tasks import generate, write_jsonl
 
 
 @pytest.fixture(scope="session")
-def base_model_dir() -> Path:
-    from training.trainer import resolve_base
-
-    return resolve_base(DEFAULT_BASE_MODEL)
+def base_model_dir(base_model_path: Path) -> Path:
+    """The embedded base, prepared once by the root conftest (the same one the server serves)."""
+    return base_model_path
 
 
 @pytest.fixture(scope="session")
