@@ -100,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
         max_lora_rank=args.max_lora_rank,
         memory_share=args.memory_share,
+        kv_cache_gib=args.kv_cache_gib,
         enforce_eager=args.enforce_eager,
     )
     cells = evaluate(plan)
@@ -198,6 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, action="append", metavar="TASK=PATH", help=f"{what} for TASK")
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--memory-share", type=float, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="default: the server's")
     p.add_argument("--enforce-eager", action="store_true", help="skip vLLM graph compilation")
     p.add_argument("--out", help="write the full results JSON here")
     p.set_defaults(func=cmd_eval)

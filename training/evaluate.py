@@ -44,7 +44,8 @@ class EngineSpec:
     runs: list[Run]
     max_lora_rank: int = 16
     max_loras: int = 2
-    memory_share: float | None = None  # None: Settings' default (0.4 on a CPU)
+    memory_share: float | None = None  # None: Settings' default
+    kv_cache_gib: float | None = None  # None: Settings' default (a fixed 2 GiB on a CPU)
     enforce_eager: bool = False
     max_model_len: int = 1024
     max_num_seqs: int = 32
@@ -64,21 +65,26 @@ class Cell:
 
 
 def _engine_kwargs(spec: EngineSpec, lora: bool) -> dict:
-    from serving.settings import Settings
-
-    settings = Settings()
+    """The server's engine settings (serving.settings), with the spec's overrides."""
     import torch
 
-    share = spec.memory_share or settings.effective_memory_share(torch.cuda.is_available())
+    from serving.settings import Settings
+
+    overrides = {"memory_share": spec.memory_share, "kv_cache_gib": spec.kv_cache_gib}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    gpu = torch.cuda.is_available()
     kwargs = dict(
         model=spec.model,
         dtype=spec.dtype,
         max_model_len=spec.max_model_len,
-        gpu_memory_utilization=share,
+        gpu_memory_utilization=settings.effective_memory_share(gpu),
         enforce_eager=spec.enforce_eager,
         max_num_seqs=spec.max_num_seqs,
         seed=0,
     )
+    kv_bytes = settings.kv_cache_bytes(gpu)
+    if kv_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_bytes
     if lora:
         kwargs.update(enable_lora=True, max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank)
     return kwargs
@@ -180,6 +186,7 @@ class EvalPlan:
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> task -> dir
     max_lora_rank: int = 16
     memory_share: float | None = None
+    kv_cache_gib: float | None = None
     enforce_eager: bool = False
 
     def engines(self) -> list[EngineSpec]:
@@ -191,6 +198,7 @@ class EvalPlan:
         common = dict(
             max_lora_rank=self.max_lora_rank,
             memory_share=self.memory_share,
+            kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager,
         )
         runs = [Run("base", t, held_out(t), t) for t in self.tasks]

@@ -181,8 +181,8 @@ def stage_eval(args: argparse.Namespace, data: Path, work: Path) -> None:
         "--out",
         str(out),
         "--enforce-eager",
-        "--memory-share",
-        str(args.memory_share),
+        "--kv-cache-gib",
+        str(args.kv_cache_gib),
     ]
     for flag, prefix, tasks, marker in (
         ("--lora", "lora", args.tasks, "training_report.json"),
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--nice", type=int, default=5)
-    p.add_argument("--memory-share", type=float, default=0.15)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--stage", choices=("all", "train", "merge", "eval", "table"), default="all")
     p.add_argument("--note", dest="notes", action="append", help="line added under the table")
     args = p.parse_args(argv)

@@ -63,7 +63,7 @@ def test_short_full_fine_tune_checkpoint_serves(
             model=str(out),
             runs=[Run("full", "intent", str(eval_path), "intent")],
             enforce_eager=True,
-            memory_share=0.1,
+            kv_cache_gib=0.5,
             max_num_seqs=8,
         )
     )
