@@ -44,6 +44,7 @@ def run_command(args: argparse.Namespace) -> int:
         "memory_share",
         "rate_requests",
         "duration",
+        "time_budget",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -102,6 +103,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", help="Poisson rates for the latency-vs-load sweep, e.g. 0.5,1,2")
     parser.add_argument("--requests", type=int, help="Requests per closed-loop run")
     parser.add_argument("--concurrency", type=int)
+    parser.add_argument(
+        "--time-budget", type=float, help="Seconds; skip later LoRA-ops variants past it"
+    )
     parser.add_argument("--rate-requests", type=int, help="Requests per Poisson-rate run")
     parser.add_argument("--duration", type=float, help="Bound of each load run (s)")
     parser.add_argument("--max-tokens", type=int)

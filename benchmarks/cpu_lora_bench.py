@@ -192,6 +192,139 @@ def profile(n_adapters: int, tokens: int = 64) -> dict:
     return summary
 
 
+KINDS = ("base", "off", "on")  # base model alone; LoRA engine with the plugin off; with it on
+
+
+def serve_engine(kind: str) -> None:
+    """Child process: build one engine, then answer JSON-line requests on stdin until EOF."""
+    import sys
+
+    paths = make_adapters(32)
+    llm = build_llm(lora=kind != "base")
+    print("READY", flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        n = 0 if kind == "base" else req["adapters"]
+        tps, dt, ids = generate(llm, n, paths, tokens=req["tokens"])
+        print("RESULT " + json.dumps({"tok_s": tps, "seconds": dt, "ids": ids}), flush=True)
+
+
+class Engine:
+    """An engine in a child process (its own TENANTLORA_CPU_LORA_OPS), driven over pipes."""
+
+    def __init__(self, kind: str, log_dir: Path):
+        import subprocess
+        import sys
+
+        env = dict(os.environ, TENANTLORA_CPU_LORA_OPS="0" if kind == "off" else "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; 32 x 80 tokens need far less
+        self.kind = kind
+        self.log = open(log_dir / f"cpu_lora_engine_{kind}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.cpu_lora_bench", "serve-engine", kind],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )  # fmt: skip
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+            self.log.write(line)
+        raise RuntimeError(f"engine {self.kind} exited; see {self.log.name}")
+
+    def run(self, adapters: int, tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"adapters": adapters, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+def bench(adapter_counts: list[int], repeats: int, tokens: int, out_dir: Path) -> dict:
+    """Interleaved base/off/on runs; ratios are taken within one round (runs side by side)."""
+    import statistics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_adapters(32)
+    engines = {k: Engine(k, Path("/tmp")) for k in KINDS}
+    rows = []
+    try:
+        for k in KINDS:  # warm-up: first generate, adapter loading
+            for n in adapter_counts:
+                engines[k].run(n, 4)
+        for r in range(repeats):
+            for n in adapter_counts:
+                order = KINDS if r % 2 == 0 else tuple(reversed(KINDS))
+                res = {k: engines[k].run(n, tokens) for k in order}
+                same = res["on"]["ids"] == res["off"]["ids"]
+                rows.append({"round": r, "adapters": n, "same_outputs_on_off": same,
+                             **{f"{k}_tok_s": round(res[k]["tok_s"], 1) for k in KINDS}})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    summary = []
+    for n in adapter_counts:
+        rs = [x for x in rows if x["adapters"] == n]
+        med = lambda key, rs=rs: round(statistics.median(key(x) for x in rs), 3)  # noqa: E731
+        summary.append({
+            "adapters": n,
+            "base_tok_s": med(lambda x: x["base_tok_s"]),
+            "off_tok_s": med(lambda x: x["off_tok_s"]),
+            "on_tok_s": med(lambda x: x["on_tok_s"]),
+            "off_vs_base": med(lambda x: x["off_tok_s"] / x["base_tok_s"]),
+            "on_vs_base": med(lambda x: x["on_tok_s"] / x["base_tok_s"]),
+            "on_vs_off": med(lambda x: x["on_tok_s"] / x["off_tok_s"]),
+            "same_outputs_on_off": all(x["same_outputs_on_off"] for x in rs),
+        })  # fmt: skip
+    return {"config": {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32,
+                       "rank": 16, "modules": TARGET_MODULES, "dtype": "bfloat16"},
+            "rounds": rows, "summary": summary}  # fmt: skip
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    (out_dir / "cpu_lora.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        "# CPU LoRA plugin: base vs plugin off vs plugin on",
+        "",
+        f"vLLM 0.32 CPU, SmolLM2-135M bf16, 32 prompts x {result['config']['tokens']} tokens "
+        f"greedy, r=16 adapters on all 7 projections, max_loras=32, "
+        f"{result['config']['repeats']} interleaved rounds (medians; ratios within a round).",
+        "",
+        "| adapters in the batch | base tok/s | off tok/s | on tok/s | off / base | on / base "
+        "| on / off | outputs on == off |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        lines.append(
+            f"| {s['adapters']} | {s['base_tok_s']:.0f} | {s['off_tok_s']:.0f} | "
+            f"{s['on_tok_s']:.0f} | {s['off_vs_base']:.2f} | {s['on_vs_base']:.2f} | "
+            f"{s['on_vs_off']:.2f} | {'yes' if s['same_outputs_on_off'] else 'NO'} |"
+        )
+    (out_dir / "cpu_lora.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(result["summary"]))
+    for i, (key, label) in enumerate([("off_vs_base", "plugin off"), ("on_vs_base", "plugin on")]):
+        ax.bar([x + 0.38 * i for x in xs], [s[key] for s in result["summary"]], 0.38, label=label)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([x + 0.19 for x in xs], [f"{s['adapters']} adapters" for s in result["summary"]])
+    ax.set_ylabel("output tok/s vs base model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "cpu_lora.png", dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd")
@@ -199,8 +332,22 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--ops", choices=["0", "1"], default="1", help="plugin off (0) or on (1)")
     p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
+    e = sub.add_parser("serve-engine")
+    e.add_argument("kind", choices=KINDS)
+    b = sub.add_parser("run")
+    b.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.cmd == "profile":
+    if args.cmd == "serve-engine":
+        serve_engine(args.kind)
+    elif args.cmd in (None, "run"):
+        args = args if args.cmd else b.parse_args([])
+        result = bench(args.adapters, args.repeats, args.tokens, args.out_dir)
+        write_report(result, args.out_dir)
+        print((args.out_dir / "cpu_lora.md").read_text())
+    elif args.cmd == "profile":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, for py-spy
         os.environ["TENANTLORA_CPU_LORA_OPS"] = args.ops
         summary = profile(args.adapters)

@@ -75,6 +75,7 @@ class BenchConfig:
     peft_threads: int = 1
     hot_swap_trials: int = 3
     request_timeout: float = 300.0
+    time_budget: float | None = None  # seconds; later LoRA-ops variants are skipped past it
     enforce_eager: bool = False  # every vLLM engine alike: skips torch.compile at start
     quick: bool = False
     name: str = "serving_benchmark"
@@ -285,6 +286,9 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - the report says what failed
             log.exception("benchmark failed")
             self.results["errors"].append(f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt as exc:
+            log.warning("interrupted: writing a partial report")
+            self.results["errors"].append(f"interrupted ({exc})")
         finally:
             self.stop_all()
             signal.signal(signal.SIGTERM, previous)
@@ -306,6 +310,89 @@ class Bench:
         self.results["memory"]["merged_file_bytes"] = dir_bytes(merged[first])
 
         # 1. the reference: the base model alone on a plain engine.
+        ref = self._start_reference()
+        self.results["memory"]["reference"] = ref.memory()
+        base_targets = [Target(ref.base_model_name, ref.base_url, "base")]
+
+        # 2. our server, one engine per LoRA-ops variant in turn (two engines up at most, so
+        # the run fits beside other jobs), all adapters registered. The first variant also gets
+        # the hot-swap, memory, latency-vs-load and PEFT-peer measurements.
+        t_start = time.perf_counter()
+        for index, variant in enumerate(c.lora_ops_variants):
+            if index == 1:
+                # Memory: the merged engines need the room, so they run between the variants.
+                self.stop(ref)
+                # 3. monolithic: one merged model per tenant, each in its own engine.
+                self.monolithic(merged)
+                if c.time_budget and time.perf_counter() - t_start > c.time_budget:
+                    note = (
+                        f"variants {c.lora_ops_variants[1:]} skipped: the time budget "
+                        f"({c.time_budget:.0f} s) was spent"
+                    )
+                    self.results["notes"].append(note)
+                    log.warning(note)
+                    return
+                ref = self._start_reference(record=False)
+                base_targets = [Target(ref.base_model_name, ref.base_url, "base")]
+            try:
+                server = self.start(self._shared_server(variant, adapters, names[:n_max]))
+            except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
+                log.exception("shared-base variant %s did not start", variant)
+                self.results["errors"].append(f"variant {variant}: {type(exc).__name__}: {exc}")
+                continue
+            first_base = self.first_request(server, server.base_model_name)
+            self.engine_record(
+                server,
+                "shared-base",
+                cpu_lora_ops=variant,
+                first_request=first_base,
+                memory=server.memory(),
+            )
+            if "server" not in self.results["hot_swap"]:
+                self.adapter_costs(server, names[:n_max])
+            # Throughput against the number of adapters. Each group runs the reference right
+            # before the shared-base run, so every ratio has a base run beside it (drift).
+            if index == 0:
+                self.load(
+                    f"{server.name} base-only",
+                    [Target(server.base_model_name, server.base_url, "base")],
+                    scenario="shared-base-no-adapter",
+                    server=server,
+                    adapters=0,
+                )
+            for n in c.adapter_counts:
+                group = f"{server.name}:{n}"
+                self.load(
+                    f"base-ref (beside {server.name} N={n})",
+                    base_targets,
+                    scenario="base",
+                    server=ref,
+                    adapters=0,
+                    group=group,
+                )
+                targets = [Target(a, server.base_url, f"tenant-{a}") for a in names[:n]]
+                self.load(
+                    f"{server.name} N={n}",
+                    targets,
+                    scenario="shared",
+                    server=server,
+                    adapters=n,
+                    seed=n,
+                    group=group,
+                )
+            if index == 0:
+                self.latency_vs_load(ref, server, names)
+                # 4. the transformers + PEFT peer, beside a shared-base run with the same mix.
+                self.peft_scenario(adapters, names[: c.peft_adapters], server)
+            self.results["engines"][server.name]["memory_end"] = server.memory()
+            self.stop(server)
+        self.stop(ref)
+        if len(c.lora_ops_variants) == 1:
+            self.monolithic(merged)
+
+    def _start_reference(self, record: bool = True) -> Server:
+        """The base model alone on a plain vLLM engine (no LoRA)."""
+        c = self.cfg
         ref = self.start(
             vllm_server(
                 "base-ref",
@@ -319,143 +406,96 @@ class Bench:
                 enforce_eager=c.enforce_eager,
             )
         )
-        ref_first = self.first_request(ref, ref.base_model_name)
-        self.engine_record(ref, "reference", first_request=ref_first, memory=ref.memory())
+        first = self.first_request(ref, ref.base_model_name)
+        if record:
+            self.engine_record(ref, "reference", first_request=first, memory=ref.memory())
+        return ref
 
-        # 2. our server, one engine per LoRA-ops variant, all adapters registered.
-        ours: dict[str, Server] = {}
-        for variant in c.lora_ops_variants:
-            label = {None: "", True: "-ops-on", False: "-ops-off"}[variant]
-            name = f"{c.server}{label}"
-            data_dir = c.work_dir / "data" / name
-            if c.server == "tenantlora":
-                server = tenantlora_server(
-                    name,
-                    c.base_model,
-                    {n: adapters[n] for n in names[:n_max]},
-                    self.log_dir,
-                    data_dir,
-                    c.max_loras,
-                    n_max,
-                    c.max_model_len,
-                    c.memory_share,
-                    cpu_lora_ops=variant,
-                    enforce_eager=c.enforce_eager,
-                )
-            else:
-                server = vllm_server(
-                    name,
-                    c.base_model,
-                    {n: adapters[n] for n in names[:n_max]},
-                    self.log_dir,
-                    c.max_loras,
-                    n_max,
-                    c.max_model_len,
-                    c.memory_share,
-                    enforce_eager=c.enforce_eager,
-                )
-            ours[name] = self.start(server)
-        main_name = next(iter(ours))
-        main = ours[main_name]
-        for name, server in ours.items():
-            first_base = self.first_request(server, server.base_model_name)
-            self.engine_record(
-                server, "shared-base", cpu_lora_ops=name.split("-")[-1], first_request=first_base
+    def _shared_server(self, variant: bool | None, adapters: dict[str, Path], names: list[str]):
+        c = self.cfg
+        label = {None: "", True: "-ops-on", False: "-ops-off"}[variant]
+        name = f"{c.server}{label}"
+        loras = {n: adapters[n] for n in names}
+        if c.server == "tenantlora":
+            return tenantlora_server(
+                name,
+                c.base_model,
+                loras,
+                self.log_dir,
+                c.work_dir / "data" / name,
+                c.max_loras,
+                len(names),
+                c.max_model_len,
+                c.memory_share,
+                cpu_lora_ops=variant,
+                enforce_eager=c.enforce_eager,
             )
+        return vllm_server(
+            name,
+            c.base_model,
+            loras,
+            self.log_dir,
+            c.max_loras,
+            len(names),
+            c.max_model_len,
+            c.memory_share,
+            enforce_eager=c.enforce_eager,
+        )
 
-        # Warm the runtime at the benchmark's concurrency on the base model, then measure memory
-        # with no adapter loaded, load adapters one by one (hot swap), then all of them.
+    def adapter_costs(self, server: Server, names: list[str]) -> None:
+        """Warm the runtime on the base model at the benchmark's concurrency, measure memory with
+        no adapter loaded, load a few adapters one by one (hot swap), then all of them."""
+        c = self.cfg
         self.load(
             "warmup-base",
-            [Target(main.base_model_name, main.base_url)],
+            [Target(server.base_model_name, server.base_url)],
             scenario="warmup",
-            server=main,
+            server=server,
             adapters=0,
             requests=c.concurrency,
         )
-        mem0 = main.memory()
-        self.hot_swap(main, names[::-1][: c.hot_swap_trials])
-        self.touch_all(main, names[:n_max])
-        mem1 = main.memory()
-        per_adapter = {k: (mem1[k] - mem0[k]) / n_max for k in ("rss", "uss")}
+        mem0 = server.memory()
+        self.hot_swap(server, names[::-1][: c.hot_swap_trials])
+        self.touch_all(server, names)
+        mem1 = server.memory()
         self.results["memory"]["shared"] = {
-            "server": main.name,
+            "server": server.name,
             "before_adapters": mem0,
             "after_adapters": mem1,
-            "adapters_loaded": n_max,
-            "per_adapter_bytes": per_adapter,
+            "adapters_loaded": len(names),
+            "per_adapter_bytes": {k: (mem1[k] - mem0[k]) / len(names) for k in ("rss", "uss")},
         }
-        metrics = scrape_metrics(main.root_url)
+        metrics = scrape_metrics(server.root_url)
         if metrics.get("tenantlora_adapter_load_seconds_count"):
             self.results["hot_swap"]["server_adapter_load_s_mean"] = (
                 metrics["tenantlora_adapter_load_seconds_sum"]
                 / metrics["tenantlora_adapter_load_seconds_count"]
             )
-        self.results["memory"]["reference"] = ref.memory()
 
-        # Throughput against the number of adapters, interleaved with the reference.
-        base_targets = [Target(ref.base_model_name, ref.base_url, "base")]
-        # Throughput against the number of adapters. Each group runs the reference right before
-        # the shared-base runs, so every ratio has a base run next to it (the machine drifts).
-        self.load(
-            f"{main_name} base-only",
-            [Target(main.base_model_name, main.base_url, "base")],
-            scenario="shared-base-no-adapter",
-            server=main,
-            adapters=0,
-        )
-        for group, n in enumerate(c.adapter_counts):
-            self.load(
-                f"base-ref (group N={n})",
-                base_targets,
-                scenario="base",
-                server=ref,
-                adapters=0,
-                group=group,
-            )
-            for name, server in ours.items():
-                targets = [Target(a, server.base_url, f"tenant-{a}") for a in names[:n]]
-                self.load(
-                    f"{name} N={n}",
-                    targets,
-                    scenario="shared",
-                    server=server,
-                    adapters=n,
-                    seed=n,
-                    group=group,
-                )
-
-        # Latency against load (Poisson arrivals): reference vs shared base at the 32-adapter mix.
+    def latency_vs_load(self, ref: Server, server: Server, names: list[str]) -> None:
+        """Poisson arrivals at each rate: reference vs shared base at the 32-adapter mix."""
+        c = self.cfg
         n_rate = max(n for n in c.adapter_counts if n <= 32)
         for rate in c.rates:
             self.load(
                 f"base-ref rate={rate}",
-                base_targets,
+                [Target(ref.base_model_name, ref.base_url, "base")],
                 scenario="base-rate",
                 server=ref,
                 adapters=0,
                 rate=rate,
                 requests=c.rate_requests,
             )
-            targets = [Target(a, main.base_url, f"tenant-{a}") for a in names[:n_rate]]
+            targets = [Target(a, server.base_url, f"tenant-{a}") for a in names[:n_rate]]
             self.load(
-                f"{main_name} N={n_rate} rate={rate}",
+                f"{server.name} N={n_rate} rate={rate}",
                 targets,
                 scenario="shared-rate",
-                server=main,
+                server=server,
                 adapters=n_rate,
                 rate=rate,
                 requests=c.rate_requests,
             )
-        for server in list(ours.values()):
-            self.results["engines"][server.name]["memory_end"] = server.memory()
-            self.stop(server)
-        self.stop(ref)
-
-        # 4. the transformers + PEFT peer at the same concurrency.
-        self.peft_scenario(adapters, names[: c.peft_adapters])
-        # 3. monolithic: one merged model per tenant, each in its own engine.
-        self.monolithic(merged)
 
     def hot_swap(self, server: Server, adapter_names: list[str]) -> None:
         """First request to a cold adapter vs the same request once it is warm."""
@@ -511,7 +551,11 @@ class Bench:
         }
         log.info("touched %d adapters in %.1fs", s["completed"], time.perf_counter() - t0)
 
-    def peft_scenario(self, adapters: dict[str, Any], peer_names: list[str]) -> None:
+    def peft_scenario(
+        self, adapters: dict[str, Any], peer_names: list[str], shared: Server
+    ) -> None:
+        """The transformers + PEFT peer, then the shared base with the same adapters, requests
+        and concurrency right after it (a paired run)."""
         c = self.cfg
         peer = self.start(
             peft_server(
@@ -525,16 +569,19 @@ class Bench:
         self.engine_record(peer, "peft-peer", threads=c.peft_threads)
         self.first_request(peer, peer_names[0])
         self.results["engines"][peer.name]["memory"] = peer.memory()
-        targets = [Target(a, peer.base_url, f"tenant-{a}") for a in peer_names]
-        self.load(
-            f"peft-peer N={len(peer_names)}",
-            targets,
-            scenario="peft",
-            server=peer,
-            adapters=len(peer_names),
-            requests=c.peft_requests,
-            seed=len(peer_names),
-        )
+        n = len(peer_names)
+        for server, scenario in ((peer, "peft"), (shared, "shared-vs-peft")):
+            targets = [Target(a, server.base_url, f"tenant-{a}") for a in peer_names]
+            self.load(
+                f"{server.name} N={n} (peer comparison)",
+                targets,
+                scenario=scenario,
+                server=server,
+                adapters=n,
+                requests=c.peft_requests,
+                seed=n,
+                group="peft",
+            )
         self.stop(peer)
 
     def monolithic(self, merged: dict[str, Path]) -> None:
@@ -655,7 +702,8 @@ def analyse(results: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
     peft = _find(loads, scenario="peft")
     if peft:
         n_peft = peft[0]["adapters"]
-        ours = shared.get(n_peft)
+        pair = _find(loads, scenario="shared-vs-peft")
+        ours = tput(pair[0]) if pair else shared.get(n_peft)
         if ours is not None and tput(peft[0]) > 0:
             ratio = ours / tput(peft[0])
             out["goals"]["throughput_vs_peft_peer"] = {
