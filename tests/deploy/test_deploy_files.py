@@ -376,3 +376,22 @@ def test_manifests_fit_together():
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["endpoints"][0]["port"] in service_ports
     assert monitor["endpoints"][0]["path"] == "/metrics"
+
+
+# ---- Ray Serve ---------------------------------------------------------------------------------
+
+
+def test_ray_serve_config_names_a_real_application_builder():
+    config = yaml.safe_load((DEPLOY / "ray" / "serve_config.yaml").read_text())
+    (application,) = config["applications"]
+    module, _, attr = application["import_path"].partition(":")
+    assert (REPO / (module.replace(".", "/") + ".py")).is_file()
+    for variable in application["runtime_env"]["env_vars"]:
+        assert variable.removeprefix("TENANTLORA_").lower() in Settings.model_fields, variable
+    tool("ray")
+    import importlib
+
+    builder = getattr(importlib.import_module(module), attr)
+    args = {k: str(v) for k, v in application["args"].items()}
+    app = builder({**args, "admin_key": "x", "data_dir": "/tmp/unused"})
+    assert type(app).__name__ == "Application"
