@@ -41,7 +41,7 @@ def run_command(args: argparse.Namespace) -> int:
         "peft_requests",
         "peft_threads",
         "zipf",
-        "memory_share",
+        "kv_cache_gib",
         "rate_requests",
         "duration",
         "time_budget",
@@ -110,7 +110,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="Bound of each load run (s)")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--zipf", type=float)
-    parser.add_argument("--memory-share", type=float)
+    parser.add_argument("--kv-cache-gib", type=float, help="KV cache of every engine (GiB)")
     parser.add_argument("--merged-count", type=int, help="Merged-model engines to start")
     parser.add_argument("--peft-requests", type=int)
     parser.add_argument("--peft-threads", type=int, help="torch threads of the PEFT peer")

@@ -193,8 +193,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"{cfg['zipf']}, prompt length {cfg['prompt_len']} words, {cfg['max_tokens']} output "
         f"tokens (ignore_eos), closed loop at concurrency {cfg['concurrency']} with "
         f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}), Poisson rates "
-        f"{cfg['rates']} with {cfg['rate_requests']} requests each; engines with memory share "
-        f"{cfg['memory_share']}, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
+        f"{cfg['rates']} with {cfg['rate_requests']} requests each; engines with a KV cache of "
+        f"{cfg['kv_cache_gib']} GiB, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
         "",
     ]
     if results["errors"]:

@@ -67,7 +67,7 @@ class BenchConfig:
     rate_requests: int = 20
     lora_ops_variants: list[bool | None] = field(default_factory=lambda: [None])
     max_loras: int = 16
-    memory_share: float = 0.1
+    kv_cache_gib: float = 0.5  # every engine alike (vLLM kv_cache_memory_bytes)
     max_model_len: int = 1024
     merged_count: int = 3
     peft_adapters: int = 8
@@ -402,7 +402,7 @@ class Bench:
                 1,
                 1,
                 c.max_model_len,
-                c.memory_share,
+                c.kv_cache_gib,
                 enforce_eager=c.enforce_eager,
             )
         )
@@ -426,7 +426,7 @@ class Bench:
                 c.max_loras,
                 len(names),
                 c.max_model_len,
-                c.memory_share,
+                c.kv_cache_gib,
                 cpu_lora_ops=variant,
                 enforce_eager=c.enforce_eager,
             )
@@ -438,7 +438,7 @@ class Bench:
             c.max_loras,
             len(names),
             c.max_model_len,
-            c.memory_share,
+            c.kv_cache_gib,
             enforce_eager=c.enforce_eager,
         )
 
@@ -598,7 +598,7 @@ class Bench:
                     1,
                     1,
                     c.max_model_len,
-                    c.memory_share,
+                    c.kv_cache_gib,
                     enforce_eager=c.enforce_eager,
                 )
             )

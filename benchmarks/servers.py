@@ -179,7 +179,7 @@ def tenantlora_server(
     max_loras: int,
     max_cpu_loras: int,
     max_model_len: int,
-    memory_share: float,
+    kv_cache_gib: float,
     cpu_lora_ops: bool | None = None,
     enforce_eager: bool = False,
 ) -> Server:
@@ -188,7 +188,7 @@ def tenantlora_server(
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--base-model", base_model]
     cmd += ["--port", str(port), "--data-dir", str(data_dir), "--served-model-name", "base"]
     cmd += ["--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras)]
-    cmd += ["--max-model-len", str(max_model_len), "--memory-share", str(memory_share)]
+    cmd += ["--max-model-len", str(max_model_len), "--kv-cache-gib", str(kv_cache_gib)]
     for lname, path in loras.items():
         cmd += ["--lora", f"{lname}={path}"]
     if enforce_eager:
@@ -209,7 +209,7 @@ def vllm_server(
     max_loras: int,
     max_cpu_loras: int,
     max_model_len: int,
-    memory_share: float,
+    kv_cache_gib: float,
     enforce_eager: bool = False,
 ) -> Server:
     """vLLM's own OpenAI server; with adapters it enables LoRA, without them it is a plain engine."""
@@ -217,7 +217,7 @@ def vllm_server(
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1"]
     cmd += ["--max-model-len", str(max_model_len), "--dtype", "bfloat16"]
-    cmd += ["--gpu-memory-utilization", str(memory_share)]
+    cmd += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 1024**3))]
     if enforce_eager:
         cmd.append("--enforce-eager")
     if loras:
