@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -355,11 +356,19 @@ def main(argv: list[str] | None = None) -> int:
         route_prefix="/",
     )
     print(f"tenantlora on Ray Serve: http://{host}:{port}/v1 ({args.replicas} replicas)")
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)  # containers and process managers stop with SIGTERM
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -201,6 +201,26 @@ def test_multiplexed_routing_registration_and_replacement(cluster, adapter_dirs)
         replica, again = cluster.chat(key, "a")
         assert replica == first, "adapter a moved to another replica"
         assert again == text  # greedy: the same adapter gives the same answer
+    # Streaming passes through the gateway as a stream, from the same replica.
+    with cluster.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "a",
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 3,
+            "temperature": 0,
+            "stream": True,
+        },
+    ) as streamed:
+        assert streamed.status_code == 200
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.headers[REPLICA] == first
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
+    time.sleep(STICKY_PAUSE)
+
     # 2. A different adapter goes to the replica with fewer adapters: the other one.
     for name in "bcd":
         served[name] = cluster.chat(key, name)[0]
