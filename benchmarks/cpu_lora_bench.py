@@ -99,12 +99,16 @@ def build_llm(lora: bool, max_loras: int = 32, max_model_len: int = 1024):
     """The engine under test; ``lora=False`` is the base model alone."""
     from vllm import LLM
 
+    # enforce_eager for all three: vLLM runs every LoRA engine eager on the CPU anyway
+    # (platforms/cpu.py sets CompilationMode.NONE with LoRA), so the base is compared like for
+    # like; compiled, it was no faster (FACTS.md: 515 tok/s vs 526 LoRA-enabled, eager).
     kwargs: dict = dict(
         model=BASE_MODEL,
         max_model_len=max_model_len,
         dtype="bfloat16",
         gpu_memory_utilization=0.3,
         seed=0,
+        enforce_eager=True,
     )
     if lora:
         kwargs.update(

@@ -27,7 +27,8 @@ SUPPORTED_VLLM = "0.32.0"
 ENV_SWITCH = "TENANTLORA_CPU_LORA_OPS"
 WRAPPER_QUALNAME = "serving.cpu_lora.punica.GroupedPunicaWrapperCPU"
 
-logger = logging.getLogger("tenantlora.cpu_lora")
+# Under the "vllm" logger, which vLLM configures in every process (handler, level, prefix).
+logger = logging.getLogger("vllm.tenantlora.cpu_lora")
 _state: dict[str, Any] = {"registered": False}
 
 
