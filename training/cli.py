@@ -183,7 +183,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="PEFT adapter folder")
     p.add_argument("--out", required=True)
     p.add_argument("--base", default=None, help="default: the adapter's base_model_name_or_path")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="float32: exact, checked within 1e-3; bfloat16: half the size, lossy",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = subparsers.add_parser("eval", help="held-out and forgetting scores through vLLM")

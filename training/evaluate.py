@@ -159,6 +159,9 @@ def run_engine_subprocess(spec: EngineSpec, timeout: float | None = None) -> lis
         # timeout would then kill the engine.
         env = dict(os.environ)
         env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+        # vLLM's CPU default pins its threads to fixed cores (core 0 here, for every engine on the
+        # host); on a shared machine letting the OS place them is much faster.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         subprocess.run(
             [sys.executable, "-m", "training.evaluate", str(spec_path), str(out_path)],
             check=True,

@@ -2,11 +2,12 @@
 
 The merge is checked, not assumed: on a fixed set of chat prompts the logits of the saved merged
 checkpoint are compared with base + adapter computed unmerged by PEFT, both in fp32.
-- fp32 merged weights: max |logit difference| <= FP32_TOLERANCE (pure float rounding).
-- bf16 merged weights (the default, the dtype the base is stored and served in): rounding the
-  merged weights to bf16 moves logits by far more than float error, so the check is that the
-  max |difference| stays within BF16_TOLERANCE and the greedy next token agrees on at least
-  BF16_MIN_TOP1 of the positions.
+- fp32 merged weights (the default): max |logit difference| <= FP32_TOLERANCE, else MergeError.
+- bf16 merged weights: measured and reported, not guaranteed. Rounding W + BA to bf16 drops
+  every part of a small LoRA update below half a bf16 ulp of W (measured here: max |logit diff|
+  4.4, greedy-token agreement 95 % after a 20-step adapter), which is why fp32 is the default.
+  `update_retained` says how much of the adapter's effect on the logits survived
+  (1 - mean|merged - reference| / mean|base - reference|).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FP32_TOLERANCE = 1e-3
-BF16_TOLERANCE = 0.5
-BF16_MIN_TOP1 = 0.97
 CHECK_PROMPTS = (
     "What is the capital of France?",
     "Classify the support ticket: my card was charged twice.",
@@ -43,7 +42,8 @@ class MergeReport:
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
     top1_agreement: float
-    tolerance: float
+    update_retained: float
+    tolerance: float | None
     positions: int
     passed: bool
     artifact_bytes: int
@@ -91,7 +91,11 @@ def merge(
         )
         for p in CHECK_PROMPTS
     ]
-    reference = _logits(model, batches) if check else None
+    reference = base_logits = None
+    if check:
+        reference = _logits(model, batches)
+        with model.disable_adapter():
+            base_logits = _logits(model, batches)
 
     merged = model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
@@ -102,8 +106,8 @@ def merge(
         shutil.copy(base_path / "generation_config.json", tmp / "generation_config.json")
 
     max_diff = mean_diff = 0.0
-    agree, positions = 1.0, 0
-    tolerance = FP32_TOLERANCE if dtype == "float32" else BF16_TOLERANCE
+    agree, positions, retained = 1.0, 0, 1.0
+    tolerance = FP32_TOLERANCE if dtype == "float32" else None
     passed = True
     if check:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -119,7 +123,12 @@ def merge(
             )
             / positions
         )
-        passed = max_diff <= tolerance and (dtype == "float32" or agree >= BF16_MIN_TOP1)
+        shift = sum(
+            float((b - r).abs().mean()) for b, r in zip(base_logits, reference, strict=True)
+        )
+        off = sum(float(d.mean()) for d in diffs)
+        retained = 1.0 - off / shift if shift > 0 else 1.0
+        passed = tolerance is None or max_diff <= tolerance
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -131,6 +140,7 @@ def merge(
         max_abs_logit_diff=max_diff,
         mean_abs_logit_diff=mean_diff,
         top1_agreement=agree,
+        update_retained=retained,
         tolerance=tolerance,
         positions=positions,
         passed=passed,
@@ -143,10 +153,12 @@ def merge(
             f"(tolerance {tolerance}), top-1 agreement {agree:.3f}; see {out}/merge_report.json"
         )
     log.info(
-        "merged %s into %s: max |logit diff| %.3g, top-1 agreement %.3f",
-        adapter,
-        out,
-        max_diff,
-        agree,
-    )
+        "merged %s into %s (%s): max |logit diff| %.3g, top-1 agreement %.3f, update retained %.3f",
+        adapter, out, dtype, max_diff, agree, retained,
+    )  # fmt: skip
+    if check and tolerance is None:
+        log.warning(
+            "bf16 merge: rounding drops part of the adapter's update, so it is not equivalent to "
+            "base + adapter (see merge_report.json); the default float32 merge is"
+        )
     return report
