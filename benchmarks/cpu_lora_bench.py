@@ -191,9 +191,28 @@ def profile(n_adapters: int, tokens: int = 64) -> dict:
     spy.send_signal(signal.SIGINT)
     spy.wait(timeout=120)
     summary = summarize_pyspy(out.read_text())
-    summary.update(adapters=n_adapters, ops=os.environ.get("TENANTLORA_CPU_LORA_OPS", "1"),
+    summary.update(adapters=n_adapters, tokens=tokens, ops=os.environ.get("TENANTLORA_CPU_LORA_OPS", "1"),
                    tok_s=round(tps, 1), seconds=round(dt, 2))  # fmt: skip
     return summary
+
+
+def write_profile_md(before: dict, after: dict, out: Path) -> None:
+    """benchmarks/results/cpu_lora_profile.md from two ``profile`` summaries (plugin off, on)."""
+    lines = [
+        "# Profile of a mixed-adapter generate call: plugin off (before) vs on (after)",
+        "",
+        "py-spy (100 Hz, Python frames) of one `generate` of 32 prompts x "
+        f"{before.get('tokens', 64)} tokens over {before['adapters']} adapters, engine in-process, "
+        "after a warm-up call. Shares are of all samples of the call.",
+        "",
+    ]
+    for title, s in (("Before (plugin off)", before), ("After (plugin on)", after)):
+        lines += [f"## {title}: {s['tok_s']} tok/s under the profiler, {s['samples']} samples", ""]
+        for kind, head in (("self", "self time (leaf frame)"), ("inclusive", "inclusive time")):
+            lines += [f"| function | {head} % |", "|---|---|"]
+            lines += [f"| `{f}` | {v} |" for f, v in s[kind]]
+            lines.append("")
+    out.write_text("\n".join(lines))
 
 
 KINDS = ("base", "off", "on")  # base model alone; LoRA engine with the plugin off; with it on
@@ -334,17 +353,24 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("profile")
     p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--ops", choices=["0", "1"], default="1", help="plugin off (0) or on (1)")
     p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
     e = sub.add_parser("serve-engine")
     e.add_argument("kind", choices=KINDS)
+    r = sub.add_parser("profile-report")
+    r.add_argument("before", type=Path)
+    r.add_argument("after", type=Path)
     b = sub.add_parser("run")
     b.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.cmd == "serve-engine":
+    if args.cmd == "profile-report":
+        before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
+        write_profile_md(before, after, RESULTS / "cpu_lora_profile.md")
+    elif args.cmd == "serve-engine":
         serve_engine(args.kind)
     elif args.cmd in (None, "run"):
         args = args if args.cmd else b.parse_args([])
@@ -354,7 +380,7 @@ def main() -> None:
     elif args.cmd == "profile":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, for py-spy
         os.environ["TENANTLORA_CPU_LORA_OPS"] = args.ops
-        summary = profile(args.adapters)
+        summary = profile(args.adapters, args.tokens)
         text = json.dumps(summary, indent=1)
         print(text)
         if args.out:

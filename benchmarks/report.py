@@ -1,7 +1,11 @@
-"""Write a benchmark's results as JSON, Markdown and PNG plots (matplotlib, Agg backend)."""
+"""Write a benchmark's results as JSON, Markdown and PNG plots (matplotlib, Agg backend).
+
+`python -m benchmarks.report RESULTS.json [--note TEXT ...]` rewrites the Markdown and plots from
+a results file (re-running the analysis), adding reviewer notes to it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -194,7 +198,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"tokens (ignore_eos), closed loop at concurrency {cfg['concurrency']} with "
         f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}), Poisson rates "
         f"{cfg['rates']} with {cfg['rate_requests']} requests each; engines with a KV cache of "
-        f"{cfg['kv_cache_gib']} GiB, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
+        f"{cfg.get('kv_cache_gib')} GiB, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
         "",
     ]
     if results["errors"]:
@@ -234,8 +238,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "## Loads",
         "",
         "| run | adapters | mode | req/s | out tok/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms "
-        "| e2e p50/p95/p99 ms | ok/sent | errors | vLLM queue/prefill/decode ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| e2e p50/p95/p99 ms | ok/sent | errors | vLLM queue/prefill/decode ms | load avg (1 min, at end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in results["loads"]:
         s = x["summary"]
@@ -249,7 +253,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines.append(
             f"| {x['label']} | {x['adapters']} | {mode} | {_f(s['request_throughput'], 2)} | "
             f"{_f(s['output_throughput'])} | {pq('ttft_ms')} | {pq('tpot_ms')} | {pq('e2e_ms')} | "
-            f"{s['completed']}/{s['requests_sent']} | {s['errors'] or '-'} | {phases} |"
+            f"{s['completed']}/{s['requests_sent']} | {s['errors'] or '-'} | {phases} | "
+            f"{_f((x.get('loadavg') or [None])[0])} |"
         )
     hs = results["hot_swap"]
     lines += ["", "## Hot swap", ""]
@@ -343,3 +348,25 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     md_path = out_dir / f"{name}.md"
     md_path.write_text(markdown(results, {k: p.name for k, p in plots.items()}))
     return {"json": json_path, "markdown": md_path, **plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.scenarios import BenchConfig, analyse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("results", help="A results JSON written by `tenantlora bench run`")
+    parser.add_argument("--note", action="append", default=[], help="Add a note (repeatable)")
+    args = parser.parse_args(argv)
+    path = Path(args.results)
+    results = json.loads(path.read_text())
+    results["notes"] = [*results.get("notes", []), *args.note]
+    known = set(BenchConfig.__dataclass_fields__)
+    cfg = BenchConfig(**{k: v for k, v in results["config"].items() if k in known})
+    results["analysis"] = analyse(results, cfg)
+    for kind, out in write_report(results, path.parent).items():
+        print(f"{kind}: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
