@@ -220,6 +220,8 @@ class EvalPlan:
                             Run(label, task, held_out(task), task),
                             Run(label, task, general, "general"),
                         ],
+                        # the checkpoint's own dtype: a float32 merge is served in float32
+                        dtype="auto",
                         **common,
                     )
                 )

@@ -197,8 +197,14 @@ def stage_eval(args: argparse.Namespace, data: Path, work: Path) -> None:
 
 
 def build_rows(work: Path) -> tuple[list[dict], dict]:
-    evaluation = json.loads((work / "eval.json").read_text())
-    summary = evaluation["summary"]
+    """Rows from every evaluation file in `work` (eval.json, or pieces eval-*.json)."""
+    from training.evaluate import Cell, summarize
+
+    cells = []
+    for path in sorted(work.glob("eval*.json")):
+        cells += json.loads(path.read_text())["cells"]
+    summary = summarize([Cell(**c) for c in cells])
+    evaluation = {"cells": cells, "summary": summary}
     rows = []
     base = summary.get("base", {})
     for label in ("base", "lora", "qlora", "full", "merged"):
@@ -237,6 +243,25 @@ def build_rows(work: Path) -> tuple[list[dict], dict]:
                     merge_top1_agreement=m["top1_agreement"],
                 )
             rows.append(row)
+    # Trained but not evaluated (the session ran out of CPU time): still show the training cost.
+    seen = {(r["method"], r["task"]) for r in rows}
+    for report_path in sorted((work / "runs").glob("*/training_report.json")):
+        label, _, task = report_path.parent.name.partition("-")
+        if (label, task) in seen:
+            continue
+        r = TrainingReport.read(report_path)
+        rows.append({
+            "method": label, "task": task, "score": None, "n": 0, "general": None,
+            "forgetting": None, "base_score": base.get(task, {}).get("score"),
+            "trainable_share": r.trainable_share, "trainable_params": r.trainable_params,
+            "steps": r.steps, "train_time_s": r.wall_time_s, "tokens_per_s": r.tokens_per_s,
+            "peak_memory_bytes": r.peak_memory_bytes, "artifact_bytes": r.artifact_bytes,
+            "train_loss_final": r.train_loss_final, "eval_loss_before": r.eval_loss_before,
+            "eval_loss_final": r.eval_loss_final, "device": r.device,
+            "learning_rate": r.config.get("learning_rate"), "note": "not evaluated",
+        })  # fmt: skip
+    order = {m: i for i, m in enumerate(("base", "lora", "qlora", "merged", "full"))}
+    rows.sort(key=lambda r: (r["task"], order.get(r["method"], 9)))
     return rows, evaluation
 
 
@@ -272,19 +297,15 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "points. Peak memory is the training process's max RSS.",
         "",
         "| task | method | score | base | forgetting | trainable | steps | train time | "
-        "tokens/s | peak memory | artifact | eval loss (before → after) |",
+        "tokens/s | peak memory | artifact | held-out loss after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["method"] == "base":
             continue
-        loss = "–"
-        if r.get("eval_loss_final") is not None:
-            loss = (
-                f"{_fmt(r.get('eval_loss_before'), 'loss')} → {_fmt(r['eval_loss_final'], 'loss')}"
-            )
+        loss = _fmt(r.get("eval_loss_final"), "loss")
         lines.append(
-            f"| {r['task']} | {r['method']} | {_fmt(r['score'], 'pct')} | "
+            f"| {r['task']} | {r['method']} | {r.get('note') or _fmt(r['score'], 'pct')} | "
             f"{_fmt(r['base_score'], 'pct')} | {_fmt(r.get('forgetting'), 'pct')} | "
             f"{_fmt(r.get('trainable_share'), 'share')} | {r.get('steps', '–')} | "
             f"{_fmt(r.get('train_time_s'), 's')} | "
