@@ -102,6 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         memory_share=args.memory_share,
         kv_cache_gib=args.kv_cache_gib,
         enforce_eager=args.enforce_eager,
+        include_base=not args.skip_base,
     )
     cells = evaluate(plan)
     result = {"summary": summarize(cells), "cells": [vars(c) for c in cells]}
@@ -206,6 +207,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-share", type=float, default=None)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="default: the server's")
     p.add_argument("--enforce-eager", action="store_true", help="skip vLLM graph compilation")
+    p.add_argument("--skip-base", action="store_true", help="do not score the base model itself")
     p.add_argument("--out", help="write the full results JSON here")
     p.set_defaults(func=cmd_eval)
 

@@ -191,6 +191,7 @@ class EvalPlan:
     memory_share: float | None = None
     kv_cache_gib: float | None = None
     enforce_eager: bool = False
+    include_base: bool = True  # False: skip the base model's own scores (already measured)
 
     def engines(self) -> list[EngineSpec]:
         general = str(self.data_dir / "general" / "eval.jsonl")
@@ -204,13 +205,15 @@ class EvalPlan:
             kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager,
         )
-        runs = [Run("base", t, held_out(t), t) for t in self.tasks]
-        runs.append(Run("base", "-", general, "general"))
+        runs = []
+        if self.include_base:
+            runs = [Run("base", t, held_out(t), t) for t in self.tasks]
+            runs.append(Run("base", "-", general, "general"))
         for label, per_task in self.adapters.items():
             for task, path in per_task.items():
                 runs.append(Run(label, task, held_out(task), task, adapter=str(path)))
                 runs.append(Run(label, task, general, "general", adapter=str(path)))
-        specs = [EngineSpec(self.base, runs, **common)]
+        specs = [EngineSpec(self.base, runs, **common)] if runs else []
         for label, per_task in self.checkpoints.items():
             for task, path in per_task.items():
                 specs.append(
