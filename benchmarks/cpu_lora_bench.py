@@ -269,8 +269,6 @@ class Engine:
 
 def bench(adapter_counts: list[int], repeats: int, tokens: int, out_dir: Path) -> dict:
     """Interleaved base/off/on runs; ratios are taken within one round (runs side by side)."""
-    import statistics
-
     out_dir.mkdir(parents=True, exist_ok=True)
     make_adapters(32)
     engines = {k: Engine(k, Path("/tmp")) for k in KINDS}
@@ -290,23 +288,33 @@ def bench(adapter_counts: list[int], repeats: int, tokens: int, out_dir: Path) -
     finally:
         for e in engines.values():
             e.close()
+    return summarize(rows, tokens, repeats)
+
+
+def summarize(rows: list[dict], tokens: int, repeats: int) -> dict:
+    """Medians over the rounds, per adapter count; ratios are taken within each round."""
+    import statistics
+
     summary = []
-    for n in adapter_counts:
+    for n in sorted({x["adapters"] for x in rows}):
         rs = [x for x in rows if x["adapters"] == n]
         med = lambda key, rs=rs: round(statistics.median(key(x) for x in rs), 3)  # noqa: E731
-        summary.append({
-            "adapters": n,
-            "base_tok_s": med(lambda x: x["base_tok_s"]),
-            "off_tok_s": med(lambda x: x["off_tok_s"]),
-            "on_tok_s": med(lambda x: x["on_tok_s"]),
-            "off_vs_base": med(lambda x: x["off_tok_s"] / x["base_tok_s"]),
-            "on_vs_base": med(lambda x: x["on_tok_s"] / x["base_tok_s"]),
-            "on_vs_off": med(lambda x: x["on_tok_s"] / x["off_tok_s"]),
-            "same_outputs_on_off": all(x["same_outputs_on_off"] for x in rs),
-        })  # fmt: skip
-    return {"config": {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32,
-                       "rank": 16, "modules": TARGET_MODULES, "dtype": "bfloat16"},
-            "rounds": rows, "summary": summary}  # fmt: skip
+        summary.append(
+            {
+                "adapters": n,
+                "rounds": len(rs),
+                "base_tok_s": med(lambda x: x["base_tok_s"]),
+                "off_tok_s": med(lambda x: x["off_tok_s"]),
+                "on_tok_s": med(lambda x: x["on_tok_s"]),
+                "off_vs_base": med(lambda x: x["off_tok_s"] / x["base_tok_s"]),
+                "on_vs_base": med(lambda x: x["on_tok_s"] / x["base_tok_s"]),
+                "on_vs_off": med(lambda x: x["on_tok_s"] / x["off_tok_s"]),
+                "same_outputs_on_off": all(x["same_outputs_on_off"] for x in rs),
+            }
+        )
+    config = {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32, "rank": 16,
+              "modules": TARGET_MODULES, "dtype": "bfloat16", "enforce_eager": True}  # fmt: skip
+    return {"config": config, "rounds": rows, "summary": summary}
 
 
 def write_report(result: dict, out_dir: Path) -> None:
@@ -358,6 +366,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
     e = sub.add_parser("serve-engine")
     e.add_argument("kind", choices=KINDS)
+    f = sub.add_parser("report-from-log", help="rebuild the report from a run's printed rounds")
+    f.add_argument("log", type=Path)
+    f.add_argument("--tokens", type=int, default=64)
     r = sub.add_parser("profile-report")
     r.add_argument("before", type=Path)
     r.add_argument("after", type=Path)
@@ -367,7 +378,14 @@ def main() -> None:
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.cmd == "profile-report":
+    if args.cmd == "report-from-log":
+        rows = [
+            json.loads(ln) for ln in args.log.read_text().splitlines() if ln.startswith('{"round"')
+        ]
+        result = summarize(rows, args.tokens, 1 + max(x["round"] for x in rows))
+        write_report(result, RESULTS)
+        print((RESULTS / "cpu_lora.md").read_text())
+    elif args.cmd == "profile-report":
         before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
         write_profile_md(before, after, RESULTS / "cpu_lora_profile.md")
     elif args.cmd == "serve-engine":

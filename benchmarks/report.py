@@ -216,7 +216,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "cold_adapter_vs_merged_cold_start": "cold adapter first-token latency / merged cold start",
     }
     for key, g in a["goals"].items():
-        title = names.get(key, key).format(**g)
+        title = names.get(key, key).format(**g) + (f" [{g['basis']}]" if g.get("basis") else "")
         lines.append(
             f"| {title} | {g['value']:.3g} | {g['goal']} | {'yes' if g['met'] else 'NO'} |"
         )
