@@ -45,6 +45,7 @@ def run_command(args: argparse.Namespace) -> int:
         "rate_requests",
         "duration",
         "time_budget",
+        "only",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -105,6 +106,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int)
     parser.add_argument(
         "--time-budget", type=float, help="Seconds; skip later LoRA-ops variants past it"
+    )
+    parser.add_argument(
+        "--only", choices=["monolithic"], help="Run just this scenario (merge it with --merge-from)"
     )
     parser.add_argument("--rate-requests", type=int, help="Requests per Poisson-rate run")
     parser.add_argument("--duration", type=float, help="Bound of each load run (s)")

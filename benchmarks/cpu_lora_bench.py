@@ -164,6 +164,8 @@ def summarize_pyspy(raw: str, top: int = 15) -> dict:
         for f in set(frames):
             incl_c[f] += n
     share = lambda c: [(f, round(100 * n / total, 1)) for f, n in c.most_common(top)]  # noqa: E731
+    # Inclusive: leave out the call chain every sample shares (generate -> ... -> model forward).
+    incl_c = Counter({f: n for f, n in incl_c.items() if n < 0.95 * total})
     return {"samples": total, "self": share(self_c), "inclusive": share(incl_c)}
 
 

@@ -350,16 +350,42 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return {"json": json_path, "markdown": md_path, **plots}
 
 
+def merge_monolithic(results: dict[str, Any], other: dict[str, Any]) -> None:
+    """Take scenario 3 (merged engines) from another invocation, and say so in the notes."""
+    results["memory"]["monolithic"] = other["memory"]["monolithic"]
+    results["hot_swap"]["merged_cold_start_s"] = other["hot_swap"]["merged_cold_start_s"]
+    results["hot_swap"]["merged_from"] = other["started_utc"]
+    for name, engine in other["engines"].items():
+        if engine["role"] == "monolithic":
+            results["engines"][name] = {**engine, "from_invocation": other["started_utc"]}
+    for load in other["loads"]:
+        if load["scenario"] == "monolithic":
+            results["loads"].append({**load, "label": load["label"] + " (2nd invocation)"})
+    results["errors"] = [e for e in results["errors"] if "merged-" not in e]
+    results["notes"].append(
+        f"Scenario 3 (merged engines) comes from a second invocation started "
+        f"{other['started_utc']} (`--only monolithic`, same engine settings), because the merged "
+        "engine of the main invocation failed to start on the overloaded machine. Its memory is "
+        "comparable; its cold start and throughput were measured under different machine load."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.scenarios import BenchConfig, analyse
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
     parser.add_argument("results", help="A results JSON written by `tenantlora bench run`")
     parser.add_argument("--note", action="append", default=[], help="Add a note (repeatable)")
+    parser.add_argument(
+        "--merge-from",
+        help="Results of a `--only monolithic` invocation: take its monolithic scenario (labelled)",
+    )
     args = parser.parse_args(argv)
     path = Path(args.results)
     results = json.loads(path.read_text())
     results["notes"] = [*results.get("notes", []), *args.note]
+    if args.merge_from:
+        merge_monolithic(results, json.loads(Path(args.merge_from).read_text()))
     known = set(BenchConfig.__dataclass_fields__)
     cfg = BenchConfig(**{k: v for k, v in results["config"].items() if k in known})
     results["analysis"] = analyse(results, cfg)

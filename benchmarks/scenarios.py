@@ -75,6 +75,7 @@ class BenchConfig:
     peft_threads: int = 1
     hot_swap_trials: int = 3
     request_timeout: float = 300.0
+    only: str | None = None  # "monolithic": just scenario 3 (to complete a run that lost it)
     time_budget: float | None = None  # seconds; later LoRA-ops variants are skipped past it
     enforce_eager: bool = False  # every vLLM engine alike: skips torch.compile at start
     quick: bool = False
@@ -308,6 +309,9 @@ class Bench:
         first = names[0]
         self.results["memory"]["adapter_file_bytes"] = dir_bytes(adapters[first])
         self.results["memory"]["merged_file_bytes"] = dir_bytes(merged[first])
+        if c.only == "monolithic":
+            self.monolithic(merged)
+            return
 
         # 1. the reference: the base model alone on a plain engine.
         ref = self._start_reference()
