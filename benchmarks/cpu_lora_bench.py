@@ -198,6 +198,85 @@ def profile(n_adapters: int, tokens: int = 64) -> dict:
     return summary
 
 
+def op_bench(adapter_counts: list[int], repeats: int = 3, tokens: int = 32) -> list[dict]:
+    """Op-level side-by-side timing of one decode step's linear work (no engine, one thread).
+
+    Per step, 30 Llama layers of SmolLM2-135M's shapes (qkv 576->960, o 576->576, gate_up
+    576->3072, down 1536->576) plus the lm_head, in bf16 through ``F.linear`` (what vLLM uses on
+    this machine, whose oneDNN path is unavailable), for ``tokens`` tokens; then the same plus
+    the LoRA work (r=16 on all seven projections, tokens spread round-robin over the adapters,
+    32 slots) through vLLM's ``PunicaWrapperCPU`` (plugin off) or the plugin's wrapper (on).
+    base / (base + LoRA) is a lower bound of the engine's ratio: attention, norms and the
+    scheduler cost the same in all three and are left out.
+    """
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from serving.cpu_lora.ops import stack_lora_weights
+    from serving.cpu_lora.punica import GroupedPunicaWrapperCPU
+
+    torch.manual_seed(0)
+    bf16, slots, r, hidden = torch.bfloat16, 32, 16, 576
+    layers = [(hidden, (576, 192, 192)), (hidden, (576,)), (hidden, (1536, 1536)), (1536, (576,))]
+    weights, lora_ref, lora_new = [], [], []
+    for _ in range(30):
+        for k, outs in layers:
+            weights.append((torch.randn(sum(outs), k) * 0.02).to(bf16))
+            a = tuple((torch.randn(slots, 1, r, k) * 0.02).to(bf16) for _ in outs)
+            b = tuple((torch.randn(slots, 1, n, r) * 0.02).to(bf16) for n in outs)
+            sa, sb = stack_lora_weights(a, b)
+            for i in range(len(outs)):
+                sa[i].copy_(a[i])
+                sb[i].copy_(b[i])
+            lora_ref.append((a, b, outs))
+            lora_new.append((sa, sb, outs))
+    lm_head = (torch.randn(49152, hidden) * 0.02).to(bf16)
+    xs = {k: torch.randn(tokens, k).to(bf16) for k in (576, 1536)}
+
+    def step(wrapper, loras):
+        for i, w in enumerate(weights):
+            x = xs[w.shape[1]]
+            y = F.linear(x, w)
+            if wrapper is not None:
+                a, b, outs = loras[i]
+                wrapper.add_lora_linear(y, x, a, b, 1.0, outs)
+        F.linear(xs[576], lm_head)
+
+    results = []
+    for n in adapter_counts:
+        ids = tuple(i % n + 1 for i in range(tokens))
+        mapping = LoRAMapping(ids, ids, is_prefill=True)  # as vLLM V1 sets it
+        wrappers = {}
+        for name, cls in (("off", PunicaWrapperCPU), ("on", GroupedPunicaWrapperCPU)):
+            w = cls(8192, 256, "cpu")
+            w.update_metadata(mapping, list(range(1, slots + 1)), slots + 1, 49152)
+            wrappers[name] = w
+        times = {"base": [], "off": [], "on": []}
+        for _ in range(repeats):
+            for name, wrapper, loras in (
+                ("base", None, None), ("off", wrappers["off"], lora_ref),
+                ("on", wrappers["on"], lora_new),
+            ):  # fmt: skip
+                t0 = time.perf_counter()
+                if name == "on":  # the per-step grouping is part of the plugin's cost
+                    wrapper.update_metadata(mapping, list(range(1, slots + 1)), slots + 1, 49152)
+                step(wrapper, loras)
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        results.append({
+            "adapters": n, "tokens": tokens,
+            **{f"{k}_ms": round(1000 * v, 1) for k, v in med.items()},
+            "off_vs_base": round(med["base"] / med["off"], 3),
+            "on_vs_base": round(med["base"] / med["on"], 3),
+        })  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def write_profile_md(before: dict, after: dict, out: Path) -> None:
     """benchmarks/results/cpu_lora_profile.md from two ``profile`` summaries (plugin off, on)."""
     lines = [
@@ -368,6 +447,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
     e = sub.add_parser("serve-engine")
     e.add_argument("kind", choices=KINDS)
+    o = sub.add_parser("ops", help="op-level timing of one decode step (no engine)")
+    o.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    o.add_argument("--repeats", type=int, default=3)
     f = sub.add_parser("report-from-log", help="rebuild the report from a run's printed rounds")
     f.add_argument("log", type=Path)
     f.add_argument("--tokens", type=int, default=64)
@@ -380,7 +462,13 @@ def main() -> None:
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.cmd == "report-from-log":
+    if args.cmd == "ops":
+        import torch
+
+        torch.set_num_threads(1)  # as vLLM's CPU worker runs here (it reduces 2 -> 1 thread)
+        res = op_bench(args.adapters, args.repeats)
+        (RESULTS / "cpu_lora_ops.json").write_text(json.dumps(res, indent=1))
+    elif args.cmd == "report-from-log":
         rows = [
             json.loads(ln) for ln in args.log.read_text().splitlines() if ln.startswith('{"round"')
         ]

@@ -202,7 +202,12 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "",
     ]
     if results["errors"]:
-        lines += ["**Errors:** " + "; ".join(results["errors"]), ""]
+        short = [
+            e.splitlines()[0][:160]
+            + (f" ... {e.strip().splitlines()[-1][:160]}" if "\n" in e else "")
+            for e in results["errors"]
+        ]
+        lines += ["**Errors** (full text in the JSON): " + "; ".join(short), ""]
     lines += [
         "## Goals (ratios from this one run)",
         "",
