@@ -103,10 +103,10 @@ class TenantloraEngine:
         await self.state.engine.check_health()
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)
-
-    async def describe(self) -> dict:
-        return {"replica": self.replica_id, "pid": os.getpid()}
+        """Ray Serve awaits this when it stops the replica: stop the engine, close the registry."""
+        lifespan, self._lifespan = getattr(self, "_lifespan", None), None
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
 
     async def handle_http(self, request: dict, body: bytes) -> AsyncIterator[Any]:
         """Serve one HTTP request through the app. Yields the response start
