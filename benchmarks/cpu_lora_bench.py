@@ -488,6 +488,7 @@ def main() -> None:
     elif args.cmd == "profile":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, for py-spy
         os.environ["TENANTLORA_CPU_LORA_OPS"] = args.ops
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         summary = profile(args.adapters, args.tokens)
         text = json.dumps(summary, indent=1)
         print(text)

@@ -209,7 +209,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         ]
         lines += ["**Errors** (full text in the JSON): " + "; ".join(short), ""]
     lines += [
-        "## Goals (ratios from this one run)",
+        "## Goals (ratios from this one run)"
+        if not results["hot_swap"].get("merged_from")
+        else "## Goals (ratios from this run; scenario 3 from a second invocation, see the notes)",
         "",
         "| goal | measured | target | met |",
         "|---|---|---|---|",
