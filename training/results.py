@@ -338,17 +338,25 @@ def write_plot(rows: list[dict], path: Path) -> None:
         if any(r["method"] == m for r in rows)
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(methods)
+    scored = any(r.get("score") is not None and r["method"] != "base" for r in rows)
+    key = "score" if scored else "eval_loss_final"
+    methods = [m for m in methods if any(r.get(key) is not None and r["method"] == m for r in rows)]
+    width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
-        scores = []
+        values = []
         for task in tasks:
             cell = next((r for r in rows if r["method"] == method and r["task"] == task), None)
-            scores.append(100 * cell["score"] if cell and cell["score"] is not None else 0)
-        axes[0].bar([t + i * width for t in range(len(tasks))], scores, width, label=method)
+            value = cell.get(key) if cell else None
+            values.append(0 if value is None else (100 * value if scored else value))
+        axes[0].bar([t + i * width for t in range(len(tasks))], values, width, label=method)
     axes[0].set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
-    axes[0].set_ylabel("held-out score (%)")
-    axes[0].set_ylim(0, 105)
-    axes[0].set_title("Held-out score per task")
+    if scored:
+        axes[0].set_ylabel("held-out score (%)")
+        axes[0].set_ylim(0, 105)
+        axes[0].set_title("Held-out score per task")
+    else:
+        axes[0].set_ylabel("held-out loss (lower is better)")
+        axes[0].set_title("Held-out loss after training (generation scores not evaluated)")
     axes[0].legend(fontsize=8)
     for method, marker in (("lora", "o"), ("qlora", "^"), ("full", "s")):
         pts = [r for r in rows if r["method"] == method and r.get("train_time_s")]
