@@ -434,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     work: Path = args.work
+    if args.stage in ("all", "train", "eval"):
+        # Resolve (and if needed prepare) the base once, not in each parallel training process.
+        from training.trainer import resolve_base
+
+        args.base = str(resolve_base(args.base))
     data = work / "data"
     if not (data / "general" / "eval.jsonl").is_file():
         from training.tasks import generate_all
