@@ -43,8 +43,10 @@ def register() -> None:
     _state["registered"] = True
     import vllm
 
+    # vLLM configures its loggers after general plugins load, so INFO would be lost here: the
+    # stand-down lines are warnings, the "on" line comes from the wrapper (punica.py) at INFO.
     if not enabled_by_env():
-        logger.info("tenantlora CPU LoRA ops: off (%s=0)", ENV_SWITCH)
+        logger.warning("tenantlora CPU LoRA ops: off (%s=0)", ENV_SWITCH)
         return
     if vllm.__version__ != SUPPORTED_VLLM:
         logger.warning(
@@ -62,9 +64,6 @@ def register() -> None:
         logger.warning("tenantlora CPU LoRA ops: standing down, torch has no _grouped_mm")
         return
     _patch()
-    logger.info(
-        "tenantlora CPU LoRA ops: on (grouped LoRA matmuls, %s=0 turns them off)", ENV_SWITCH
-    )
 
 
 def _patch() -> None:

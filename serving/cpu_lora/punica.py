@@ -3,9 +3,12 @@ linear LoRA op replaced by the grouped one (serving.cpu_lora.ops)."""
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .ops import TokenGroups, group_tokens, grouped_lora_linear
+
+logger = init_logger("vllm.tenantlora.cpu_lora")
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -14,6 +17,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     were stacked by the plugin, and falls back to vLLM's own op in every other case."""
 
     groups: TokenGroups | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logger.info_once(
+            "tenantlora CPU LoRA ops: on (grouped LoRA matmuls; TENANTLORA_CPU_LORA_OPS=0 turns "
+            "them off)"
+        )
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)

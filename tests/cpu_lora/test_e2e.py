@@ -49,7 +49,7 @@ def _run(ops: str, adapters: list[str]) -> dict:
     env = dict(os.environ, TENANTLORA_CPU_LORA_OPS=ops, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, BASE_MODEL, json.dumps(adapters)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
