@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from adapters.archive import CONFIG_FILE, WEIGHTS_FILE
+
+STALE_STAGING_SECONDS = 24 * 3600
 
 
 class AdapterStore:
@@ -21,9 +24,12 @@ class AdapterStore:
         self.root = Path(root)
         self.staging = self.root / ".staging"
         self.staging.mkdir(parents=True, exist_ok=True)
-        # Stray staging folders are leftovers of interrupted uploads.
+        # Staging folders older than a day are leftovers of interrupted uploads. Younger ones may
+        # belong to another replica sharing this store, mid-upload.
+        cutoff = time.time() - STALE_STAGING_SECONDS
         for leftover in self.staging.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def new_staging_dir(self) -> Path:
         """A fresh path (not created) under the staging area."""
