@@ -50,11 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Register a local PEFT adapter folder at start-up (repeatable).",
     )
     serve.add_argument(
-        "--no-cpu-lora-ops",
+        "--cpu-lora-ops",
         dest="cpu_lora_ops",
-        action="store_false",
+        action="store_true",
         default=None,
-        help="Use vLLM's stock CPU LoRA ops instead of tenantlora's grouped ones.",
+        help="Use tenantlora's grouped CPU LoRA ops (experimental vLLM plugin).",
     )
     serve.add_argument(
         "--enforce-eager",

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="Largest number of sequences in one engine step.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
     cpu_lora_ops: bool = Field(
-        True, description="Use tenantlora's grouped LoRA ops on the CPU (vLLM plugin)."
+        False,
+        description="Use tenantlora's grouped LoRA ops on the CPU (vLLM plugin; experimental, "
+        "off by default until verified end to end).",
     )
     admin_key: SecretStr | None = Field(
         None, description="Admin API key (tenant management). Unset: admin routes are closed."

@@ -10,7 +10,7 @@ What it changes, on the CPU platform of vLLM 0.32.0 only:
   ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked float32 tensor each, so the
   projections that share an input (q/k/v, gate/up) run as one shrink and one expand.
 
-Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1", the default: on; "0": off); the server's
+Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1": on; "0", the default: off until its end-to-end equality and speed are confirmed on a quiet machine); the server's
 ``cpu_lora_ops`` setting sets it, and vLLM's child processes inherit it. On any other vLLM
 version, or another platform, the plugin stands down with one log line and vLLM runs unchanged.
 """
@@ -33,7 +33,7 @@ _state: dict[str, Any] = {"registered": False}
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV_SWITCH, "0").strip().lower() not in ("0", "false", "no", "off")
 
 
 def register() -> None:
