@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.settings import Settings
@@ -125,11 +125,3 @@ class AdapterLifecycle:
         await self.engine.remove_lora(lora_id)
         if self._resident.pop(lora_id, "absent") != "absent":
             self._on_resident(len(self._resident))
-
-    async def guarded(self, lora_id: int, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Yield from a response stream, keeping the adapter counted as in flight until it ends."""
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            self.release(lora_id)
