@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -184,7 +186,7 @@ def profile(n_adapters: int, tokens: int = 64) -> dict:
     generate(llm, n_adapters, paths, tokens=8)  # warm-up: loads the adapters
     out = Path(tempfile.mkdtemp()) / "pyspy.txt"
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "100",
+        [shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy", "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "100",
          "--nonblocking", "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
