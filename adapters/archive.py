@@ -17,8 +17,9 @@ from adapters.errors import AdapterTooLarge, InvalidAdapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 REQUIRED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
-# Harmless extras that `PeftModel.save_pretrained` writes; they are dropped, not stored.
-IGNORED_FILES = frozenset({"README.md", ".gitattributes"})
+# Harmless extras that `PeftModel.save_pretrained` and `tenantlora train` write beside the
+# adapter; they are dropped, not stored.
+IGNORED_FILES = frozenset({"README.md", ".gitattributes", "training_report.json"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

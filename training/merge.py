@@ -68,7 +68,7 @@ def _logits(model, batches) -> list:
 
 
 def merge(
-    adapter: Path, out: Path, base: str | None = None, dtype: str = "bfloat16", check: bool = True
+    adapter: Path, out: Path, base: str | None = None, dtype: str = "float32", check: bool = True
 ) -> MergeReport:
     import torch
     from peft import PeftModel
@@ -159,6 +159,6 @@ def merge(
     if check and tolerance is None:
         log.warning(
             "bf16 merge: rounding drops part of the adapter's update, so it is not equivalent to "
-            "base + adapter (see merge_report.json); the default float32 merge is"
+            "base + adapter (see merge_report.json); the default float32 merge is exact"
         )
     return report

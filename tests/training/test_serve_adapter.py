@@ -6,21 +6,17 @@ from __future__ import annotations
 import pytest
 
 from training.data import load_jsonl
-
-pytestmark = pytest.mark.skip(
-    reason="Not yet verified end to end: on the overloaded shared machine this session the training fixture never finished in time and the merge test found a dtype mismatch; issue 4 stays open"
-)
+from training.tasks import INTENT_LABELS
 
 
 @pytest.mark.engine
 def test_trained_adapter_serves_and_changes_greedy_output(
     live_server, lora_run, intent_data
 ) -> None:
-    from openai import OpenAI
-
     adapter, _ = lora_run
-    name = live_server.register_adapter("intent-test", adapter)
-    client = OpenAI(base_url=live_server.base_url, api_key="unused")
+    key = live_server.create_tenant("trainer")
+    name = live_server.register_adapter("intent-test", adapter, tenant="trainer")
+    client = live_server.client(key)
     _, eval_path = intent_data
     examples = load_jsonl(eval_path)[:3]
 
@@ -33,5 +29,7 @@ def test_trained_adapter_serves_and_changes_greedy_output(
     base = [answer(live_server.base_model_name, e.prompt) for e in examples]
     tuned = [answer(name, e.prompt) for e in examples]
     assert base != tuned
-    # The adapter learned the label format: at least one answer is exactly the reference label.
-    assert any(t.strip() == e.completion for t, e in zip(tuned, examples, strict=True))
+    # 8 steps teach the answer format (a bare label from the fixed set), not yet the task:
+    # every tuned answer is one of the labels, which the base's free-text answers are not.
+    assert all(t.strip() in INTENT_LABELS for t in tuned), tuned
+    assert not all(b.strip() in INTENT_LABELS for b in base), base

@@ -38,6 +38,7 @@ def test_good_tar_and_zip_extract_and_validate(tmp_path, adapter_dirs, base_spec
             "my-adapter/adapter_config.json": folder / "adapter_config.json",
             "my-adapter/adapter_model.safetensors": folder / "adapter_model.safetensors",
             "my-adapter/README.md": b"notes",
+            "my-adapter/training_report.json": b"{}",
         }
     )
     out2 = extract_archive(_write(tmp_path / "z.zip", zipped), tmp_path / "out2", 50_000_000)
