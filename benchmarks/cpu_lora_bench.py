@@ -19,42 +19,26 @@ import sys
 import time
 from pathlib import Path
 
-BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL", "/tmp/tl-data/models/SmolLM2-135M-Instruct")
-WORK_DIR = Path(os.environ.get("TENANTLORA_BENCH_WORK", "/tmp/tl-data/cpu_lora"))
+BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL")
+WORK_DIR = Path(os.environ.get("TENANTLORA_BENCH_WORK", "/tmp/tenantlora-bench/cpu_lora"))
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(
-    count: int, base_model: str = BASE_MODEL, root: Path = WORK_DIR / "adapters", rank: int = 16
-) -> list[Path]:
-    """Create (or reuse) ``count`` random-but-nonzero PEFT LoRA adapters (all seven projections).
+def make_adapters(count: int, base_model: str | None = None, rank: int = 16) -> list[Path]:
+    """``count`` random-but-nonzero rank-16 PEFT adapters on all seven projections (cached)."""
+    from benchmarks.adapters_fixture import make_adapters as make
 
-    Adapter ``i`` is seeded with ``i``; lora_A and lora_B hold N(0, 0.02) values, so every adapter
-    changes the model's outputs and costs the engine what a trained one costs.
-    """
-    root = Path(root)
-    paths = [root / f"r{rank}-{i:03d}" for i in range(count)]
-    missing = [p for p in paths if not (p / "adapter_model.safetensors").exists()]
-    if not missing:
-        return paths
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    return list(make(base_model or default_base_model(), WORK_DIR, count, rank=rank).values())
 
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16)
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0
-    )
-    model = get_peft_model(base, config, autocast_adapter_dtype=False)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for path in missing:
-        gen = torch.Generator().manual_seed(int(path.name.rsplit("-", 1)[1]))
-        with torch.no_grad():
-            for p in params:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
-        model.save_pretrained(str(path))
-    return paths
+
+def default_base_model() -> str:
+    """TENANTLORA_BENCH_MODEL, else the embedded SmolLM2 as `tenantlora serve` prepares it."""
+    if BASE_MODEL:
+        return BASE_MODEL
+    from training.trainer import resolve_base
+
+    return str(resolve_base("smollm2-135m-instruct"))
 
 
 TOPICS = [
@@ -105,7 +89,7 @@ def build_llm(lora: bool, max_loras: int = 32, max_model_len: int = 1024):
     # (platforms/cpu.py sets CompilationMode.NONE with LoRA), so the base is compared like for
     # like; compiled, it was no faster (FACTS.md: 515 tok/s vs 526 LoRA-enabled, eager).
     kwargs: dict = dict(
-        model=BASE_MODEL,
+        model=default_base_model(),
         max_model_len=max_model_len,
         dtype="bfloat16",
         gpu_memory_utilization=0.3,

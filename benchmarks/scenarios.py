@@ -116,14 +116,9 @@ def plugin_installed() -> bool:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from serving.hardware import cpu_model_name
+
+    cpu = cpu_model_name()
     versions = {}
     for pkg in ("vllm", "torch", "transformers", "peft"):
         try:

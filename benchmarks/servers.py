@@ -85,6 +85,15 @@ def scrape_metrics(root_url: str) -> dict[str, float]:
     return values
 
 
+def bench_dtype() -> str:
+    """The one dtype every server in a benchmark run uses: what `tenantlora serve` picks by
+    default on this machine (serving.engine.resolve_dtype), so the comparison is like for like."""
+    from serving.engine import on_gpu
+    from serving.hardware import resolve_dtype
+
+    return resolve_dtype("auto", on_gpu())
+
+
 @dataclass
 class Server:
     """One server process tree. ``base_model_name`` is the `model` value that means no adapter."""
@@ -187,6 +196,7 @@ def tenantlora_server(
     port = free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--base-model", base_model]
     cmd += ["--port", str(port), "--data-dir", str(data_dir), "--served-model-name", "base"]
+    cmd += ["--dtype", bench_dtype()]
     cmd += ["--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras)]
     cmd += ["--max-model-len", str(max_model_len), "--kv-cache-gib", str(kv_cache_gib)]
     for lname, path in loras.items():
@@ -216,7 +226,7 @@ def vllm_server(
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1"]
-    cmd += ["--max-model-len", str(max_model_len), "--dtype", "bfloat16"]
+    cmd += ["--max-model-len", str(max_model_len), "--dtype", bench_dtype()]
     cmd += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 1024**3))]
     if enforce_eager:
         cmd.append("--enforce-eager")
@@ -234,6 +244,7 @@ def peft_server(
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.peft_server", "--base-model", base_model]
     cmd += ["--port", str(port), "--threads", str(threads), "--served-model-name", "base"]
+    cmd += ["--dtype", bench_dtype()]
     for lname, path in loras.items():
         cmd += ["--lora", f"{lname}={path}"]
     return Server(name, cmd, port, log_dir / f"{name}.log", base_model_name="base")

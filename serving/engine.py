@@ -16,6 +16,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.hardware import resolve_dtype
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def build_engine_args(settings: Settings, model_path: Path, served_name: str):
         model=str(model_path),
         served_model_name=[served_name],
         tokenizer=str(model_path),
-        dtype=settings.dtype,
+        dtype=resolve_dtype(settings.dtype, gpu),
         max_model_len=settings.max_model_len,
         enable_lora=True,
         max_loras=settings.max_loras,
@@ -57,6 +58,7 @@ def start_engine(settings: Settings, model_path: Path, served_name: str):
     # The CPU LoRA-ops plugin reads this in every vLLM process (env is inherited by spawn).
     os.environ["TENANTLORA_CPU_LORA_OPS"] = "1" if settings.cpu_lora_ops else "0"
     args = build_engine_args(settings, model_path, served_name)
+    log.info("engine dtype: %s (setting: %s)", args.dtype, settings.dtype)
     return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 

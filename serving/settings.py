@@ -53,7 +53,12 @@ class Settings(BaseSettings):
         "memory share is given (a share of a big host's memory would reserve far more than a "
         "small model needs).",
     )
-    dtype: str = Field("bfloat16", description="Weights and activation dtype.")
+    dtype: str = Field(
+        "auto",
+        description="Weights and activation dtype. auto: bfloat16 on a GPU and on CPUs with "
+        "native bf16 (AVX-512 BF16, AMX, Arm BF16); float32 on other CPUs, where torch's bf16 "
+        "matmuls are about 10x slower than float32 ones.",
+    )
     max_num_seqs: int = Field(64, description="Largest number of sequences in one engine step.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
     cpu_lora_ops: bool = Field(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
+import os
 import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,14 +68,6 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    from serving.hardware import cpu_model_name
 
-    return f"cpu: {cpu}, {os.cpu_count()} cores"
+    return f"cpu: {cpu_model_name()}, {os.cpu_count()} cores"

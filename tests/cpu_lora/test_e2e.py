@@ -16,12 +16,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.skip(
-    reason="Not yet verified end to end on a quiet machine; the plugin ships off by default; issue 7 stays open"
-)
-
-BASE_MODEL = os.environ.get("TENANTLORA_TEST_MODEL", "/tmp/tl-data/models/SmolLM2-135M-Instruct")
-
 SCRIPT = r"""
 import json, sys
 from vllm import LLM, SamplingParams
@@ -49,10 +43,10 @@ if __name__ == "__main__":
 """
 
 
-def _run(ops: str, adapters: list[str]) -> dict:
+def _run(ops: str, base_model: Path, adapters: list[str]) -> dict:
     env = dict(os.environ, TENANTLORA_CPU_LORA_OPS=ops, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, BASE_MODEL, json.dumps(adapters)],
+        [sys.executable, "-c", SCRIPT, str(base_model), json.dumps(adapters)],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -63,13 +57,9 @@ def _run(ops: str, adapters: list[str]) -> dict:
 
 
 @pytest.mark.engine
-@pytest.mark.skipif(not Path(BASE_MODEL).is_dir(), reason="base model checkpoint not present")
-def test_plugin_on_equals_off_for_a_mixed_batch(tmp_path_factory):
-    from benchmarks.cpu_lora_bench import make_adapters
-
-    root = tmp_path_factory.mktemp("cpu_lora_adapters")
-    adapters = [str(p) for p in make_adapters(3, base_model=BASE_MODEL, root=root)]
-    on, off = _run("1", adapters), _run("0", adapters)
+def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_dirs) -> None:
+    adapters = [str(adapter_dirs[name]) for name in "abc"]
+    on, off = _run("1", base_model_path, adapters), _run("0", base_model_path, adapters)
 
     for i, (a, b) in enumerate(zip(on["mixed"], off["mixed"], strict=True)):
         if a == b:
