@@ -49,7 +49,7 @@ class EngineSpec:
     enforce_eager: bool = False
     max_model_len: int = 1024
     max_num_seqs: int = 32
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # as `tenantlora serve` picks it (serving.hardware.resolve_dtype)
 
 
 @dataclass
@@ -68,6 +68,7 @@ def _engine_kwargs(spec: EngineSpec, lora: bool) -> dict:
     """The server's engine settings (serving.settings), with the spec's overrides."""
     import torch
 
+    from serving.hardware import resolve_dtype
     from serving.settings import Settings
 
     overrides = {"memory_share": spec.memory_share, "kv_cache_gib": spec.kv_cache_gib}
@@ -75,7 +76,7 @@ def _engine_kwargs(spec: EngineSpec, lora: bool) -> dict:
     gpu = torch.cuda.is_available()
     kwargs = dict(
         model=spec.model,
-        dtype=spec.dtype,
+        dtype=resolve_dtype(spec.dtype, gpu),
         max_model_len=spec.max_model_len,
         gpu_memory_utilization=settings.effective_memory_share(gpu),
         enforce_eager=spec.enforce_eager,
@@ -223,8 +224,6 @@ class EvalPlan:
                             Run(label, task, held_out(task), task),
                             Run(label, task, general, "general"),
                         ],
-                        # the checkpoint's own dtype: a float32 merge is served in float32
-                        dtype="auto",
                         **common,
                     )
                 )
