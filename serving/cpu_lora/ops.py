@@ -13,11 +13,15 @@ Shapes (S adapter slots, T tokens in the step, M <= T of them with an adapter):
 - ``TokenGroups.perm``: (M,) int64, the tokens with an adapter, stably sorted by slot.
 - ``TokenGroups.offs``: (S,) int32, end (exclusive) of slot s's group in ``perm`` order; the
   slots absent from the step have empty groups.
-- ``a_cat``: (S, 1, R, K) float32, the shrink (lora_A) weights of the layer's n slices stacked on
-  the rank axis: R = n * r, K the input size.
-- ``b_cat``: (S, 1, N, R) float32, the expand (lora_B) weights, block diagonal: slice i's rows
-  (its output columns, N = sum of the slices' outputs) times slice i's r rank columns.
+- ``a_cat``: (S, 1, K, R) float32, the shrink (lora_A) weights of the layer's n slices, stacked on
+  the rank axis and stored transposed (matmul-ready): R = n * r, K the input size.
+- ``b_cat``: (S, 1, R, N) float32, the expand (lora_B) weights, stored transposed and block
+  diagonal: slice i's r rank rows times its output columns (N = sum of the slices' outputs).
 - ``x``: (T, K) activations, ``y``: (T, N) the base layer's output, updated in place.
+
+The transposed storage matters: PyTorch's CPU grouped GEMM runs about 2x faster on contiguous
+(K, R) operands than on transposed views of (R, K) ones (measured: 70 vs 165 us for 8 groups of
+4 tokens x 576 x 48).
 
 Numerics follow the reference step by step: the shrink accumulates in float32 (scaled in float32),
 its result is rounded to y's dtype, the expand result is rounded to y's dtype and added to y in
@@ -34,7 +38,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "StackedLoRA",
@@ -67,9 +70,9 @@ def stack_lora_weights(
 ) -> tuple[StackedLoRA, StackedLoRA] | None:
     """Fresh zeroed float32 storage for a layer's per-slice LoRA weights, stacked for the grouped op.
 
-    lora_a[i]: (S, 1, r, K); lora_b[i]: (S, 1, N_i, r). Returns views with the same shapes whose
-    ``.cat`` are (S, 1, n*r, K) and the block-diagonal (S, 1, sum N_i, n*r). float32 storage holds
-    the bf16/fp16 adapter values exactly and spares the op a per-step weight conversion.
+    lora_a[i]: (S, 1, r, K); lora_b[i]: (S, 1, N_i, r). Returns (transposed) views with the same
+    shapes whose ``.cat`` are (S, 1, K, n*r) and the block-diagonal (S, 1, n*r, sum N_i). float32
+    storage holds the bf16/fp16 adapter values exactly and spares the op a per-step conversion.
     None when the shapes do not fit this layout (the caller then keeps vLLM's own tensors).
     """
     n = len(lora_a)
@@ -82,13 +85,13 @@ def stack_lora_weights(
         return None
     outs = [b.shape[2] for b in lora_b]
     device = lora_a[0].device
-    a_cat = torch.zeros(slots, 1, n * r, k, dtype=torch.float32, device=device)
-    b_cat = torch.zeros(slots, 1, sum(outs), n * r, dtype=torch.float32, device=device)
-    a_views, b_views, row = [], [], 0
+    a_cat = torch.zeros(slots, 1, k, n * r, dtype=torch.float32, device=device)
+    b_cat = torch.zeros(slots, 1, n * r, sum(outs), dtype=torch.float32, device=device)
+    a_views, b_views, col = [], [], 0
     for i, out in enumerate(outs):
-        a_views.append(a_cat[:, :, i * r : (i + 1) * r, :])
-        b_views.append(b_cat[:, :, row : row + out, i * r : (i + 1) * r])
-        row += out
+        a_views.append(a_cat[:, :, :, i * r : (i + 1) * r].transpose(2, 3))
+        b_views.append(b_cat[:, :, i * r : (i + 1) * r, col : col + out].transpose(2, 3))
+        col += out
     return StackedLoRA(a_views, a_cat), StackedLoRA(b_views, b_cat)
 
 
@@ -123,12 +126,13 @@ def group_tokens(token_slots: torch.Tensor, num_slots: int) -> TokenGroups | Non
 
 
 def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """out[rows of group s] = x[rows of group s] @ w[s].T for the contiguous groups ending at offs.
+    """out[rows of group s] = x[rows of group s] @ w[s] for the contiguous groups ending at offs.
 
-    x: (M, K); w: (S, N, K); offs: (S,) int32 with offs[-1] == M. Returns (M, N).
-    One call of PyTorch's grouped GEMM (a loop over the groups in C++, empty groups are free).
+    x: (M, K); w: (S, K, N), contiguous per group; offs: (S,) int32 with offs[-1] == M.
+    Returns (M, N). One call of PyTorch's grouped GEMM (a loop over the groups in C++, empty
+    groups are free).
     """
-    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(x, w, offs=offs)
 
 
 def grouped_lora_linear(
@@ -139,21 +143,22 @@ def grouped_lora_linear(
     groups: TokenGroups,
     scale: float = 1.0,
 ) -> None:
-    """y[t, :N] += cast(cast(scale * x[t] @ A[s_t].T) @ B[s_t].T) for every token t with an adapter.
+    """y[t, :N] += cast(cast(scale * x[t] @ A[s_t]) @ B[s_t]) for every token t with an adapter.
 
-    x: (T, K), y: (T, N), a_cat: (S, 1, R, K), b_cat: (S, 1, N, R), both float32; ``cast`` rounds
-    to y.dtype. Tokens without an adapter are left untouched.
+    x: (T, K), y: (T, N), a_cat: (S, 1, K, R), b_cat: (S, 1, R, N), both float32; ``cast``
+    rounds to y.dtype (a no-op for a float32 model). Tokens without an adapter are untouched.
     """
     dtype = y.dtype
     if groups.single is not None:
-        h = F.linear(x.to(torch.float32), a_cat[groups.single, 0])  # (T, R)
+        h = torch.mm(x.to(torch.float32), a_cat[groups.single, 0])  # (T, R)
     else:
         xs = x.index_select(0, groups.perm).to(torch.float32)  # (M, K), grouped by slot
         h = segment_mm(xs, a_cat[:, 0], groups.offs)  # (M, R)
     if scale != 1.0:
         h.mul_(scale)
-    h = h.to(dtype).to(torch.float32)  # the reference's shrink buffer is rounded to y.dtype
+    if dtype != torch.float32:
+        h = h.to(dtype).to(torch.float32)  # the reference's shrink buffer is rounded to y.dtype
     if groups.single is not None:
-        y.add_(F.linear(h, b_cat[groups.single, 0]).to(dtype))
+        y.add_(torch.mm(h, b_cat[groups.single, 0]).to(dtype))
     else:
         y.index_add_(0, groups.perm, segment_mm(h, b_cat[:, 0], groups.offs).to(dtype))

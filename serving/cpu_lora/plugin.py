@@ -115,5 +115,5 @@ def _stack_layer_weights(layer: Any) -> None:
     from .ops import stack_lora_weights
 
     stacked = stack_lora_weights(layer.lora_a_stacked, layer.lora_b_stacked)
-    if stacked is not None and sum(layer.output_slices) == stacked[1].cat.shape[2]:
+    if stacked is not None and sum(layer.output_slices) == stacked[1].cat.shape[3]:
         layer.lora_a_stacked, layer.lora_b_stacked = stacked

@@ -42,7 +42,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             or b_cat is None
             or buffer is not None
             or kwargs.get("add_inputs", True) is not True
-            or y2.shape[1] != b_cat.shape[2]
+            or y2.shape[1] != b_cat.shape[3]
             or x2.shape[0] != y2.shape[0]
             or x2.shape[0] != len(self.token_lora_indices)
         ):

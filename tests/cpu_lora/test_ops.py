@@ -154,11 +154,13 @@ def test_stacked_views_write_through_and_keep_block_diagonal_zero():
     a, b, sa, sb = _weights(3, 16, (8, 4), 2, torch.bfloat16, seed=2, empty_last=False)
     assert [t.shape for t in sa] == [t.shape for t in a]
     assert [t.shape for t in sb] == [t.shape for t in b]
-    assert sa.cat.shape == (3, 1, 4, 16) and sb.cat.shape == (3, 1, 12, 4)
+    assert sa.cat.shape == (3, 1, 16, 4) and sb.cat.shape == (3, 1, 4, 12)  # stored transposed
+    assert sa.cat.is_contiguous() and sb.cat.is_contiguous()
     sb[1][2] = 0  # what vLLM's reset_lora does
-    assert sb.cat[2, 0, 8:, 2:].abs().sum() == 0
-    assert torch.equal(sb.cat[1, 0, :8, :2], b[0][1, 0].float())
-    assert sb.cat[:, :, :8, 2:].abs().sum() == 0 and sb.cat[:, :, 8:, :2].abs().sum() == 0
+    assert sb.cat[2, 0, 2:, 8:].abs().sum() == 0
+    assert torch.equal(sb.cat[1, 0, :2, :8], b[0][1, 0].float().T)
+    assert torch.equal(sa.cat[1, 0, :, 2:], a[1][1, 0].float().T)
+    assert sb.cat[:, :, 2:, :8].abs().sum() == 0 and sb.cat[:, :, :2, 8:].abs().sum() == 0
     assert stack_lora_weights(a, b[:1]) is None
 
 
