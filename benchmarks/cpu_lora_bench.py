@@ -19,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from serving.hardware import resolve_dtype
+
 BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL")
 WORK_DIR = Path(os.environ.get("TENANTLORA_BENCH_WORK", "/tmp/tenantlora-bench/cpu_lora"))
 RESULTS = Path(__file__).resolve().parent / "results"
+# What `tenantlora serve` picks on this machine (float32 on CPUs without native bf16).
+DTYPE = os.environ.get("TENANTLORA_BENCH_DTYPE") or resolve_dtype("auto", gpu=False)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -91,14 +95,18 @@ def build_llm(lora: bool, max_loras: int = 32, max_model_len: int = 1024):
     kwargs: dict = dict(
         model=default_base_model(),
         max_model_len=max_model_len,
-        dtype="bfloat16",
+        dtype=DTYPE,
         gpu_memory_utilization=0.3,
         seed=0,
         enforce_eager=True,
     )
     if lora:
         kwargs.update(
-            enable_lora=True, max_loras=max_loras, max_cpu_loras=max_loras, max_lora_rank=16
+            enable_lora=True,
+            max_loras=max_loras,
+            max_cpu_loras=max_loras,
+            max_lora_rank=16,
+            lora_target_modules=TARGET_MODULES,  # as the server's engine (serving/engine.py)
         )
     return LLM(**kwargs)
 
@@ -380,7 +388,7 @@ def summarize(rows: list[dict], tokens: int, repeats: int) -> dict:
             }
         )
     config = {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32, "rank": 16,
-              "modules": TARGET_MODULES, "dtype": "bfloat16", "enforce_eager": True}  # fmt: skip
+              "modules": TARGET_MODULES, "dtype": DTYPE, "enforce_eager": True}  # fmt: skip
     return {"config": config, "rounds": rows, "summary": summary}
 
 
@@ -389,7 +397,7 @@ def write_report(result: dict, out_dir: Path) -> None:
     lines = [
         "# CPU LoRA plugin: base vs plugin off vs plugin on",
         "",
-        f"vLLM 0.32 CPU, SmolLM2-135M bf16, 32 prompts x {result['config']['tokens']} tokens "
+        f"vLLM 0.32 CPU, SmolLM2-135M {result['config']['dtype']}, 32 prompts x {result['config']['tokens']} tokens "
         f"greedy, r=16 adapters on all 7 projections, max_loras=32, "
         f"{result['config']['repeats']} interleaved rounds (medians; ratios within a round).",
         "",

@@ -16,6 +16,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from adapters.validation import SUPPORTED_TARGET_MODULES
 from serving.hardware import resolve_dtype
 from serving.settings import Settings
 
@@ -42,6 +43,10 @@ def build_engine_args(settings: Settings, model_path: Path, served_name: str):
         max_loras=settings.max_loras,
         max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
         max_lora_rank=settings.max_lora_rank,
+        # Only the projections adapters may target (adapters.validation). vLLM's default wraps
+        # lm_head and the embeddings too, and on the CPU its logits LoRA then gathers a
+        # (vocab x rank) weight copy per sequence every step, for adapters that have none.
+        lora_target_modules=sorted(SUPPORTED_TARGET_MODULES),
         gpu_memory_utilization=settings.effective_memory_share(gpu),
         kv_cache_memory_bytes=settings.kv_cache_bytes(gpu),
         max_num_seqs=settings.max_num_seqs,

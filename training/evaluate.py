@@ -87,7 +87,14 @@ def _engine_kwargs(spec: EngineSpec, lora: bool) -> dict:
     if kv_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     if lora:
-        kwargs.update(enable_lora=True, max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank)
+        from adapters.validation import SUPPORTED_TARGET_MODULES
+
+        kwargs.update(
+            enable_lora=True,
+            max_loras=spec.max_loras,
+            max_lora_rank=spec.max_lora_rank,
+            lora_target_modules=sorted(SUPPORTED_TARGET_MODULES),  # as the server's engine
+        )
     return kwargs
 
 
