@@ -118,10 +118,20 @@ def cluster(base_model_path, tmp_path_factory):
     # Ray binds its services to the machine's address unless told it is not a cluster: keep
     # every socket on loopback. Its memory monitor would kill the replicas when the machine
     # (shared with other work) is near full; the kernel's OOM killer still guards it.
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_memory_monitor_refresh_ms": "0"}
+    # On a busy 2-core machine the proxy may take longer than Serve's 5 s readiness check, after
+    # which the controller kills it (seen): give it a minute.
+    env = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_memory_monitor_refresh_ms": "0",
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for Ray's processes; this one read it at import:
     from ray._private import ray_constants
+    from ray.serve._private import api as serve_api
+
+    serve_api.HTTP_PROXY_TIMEOUT = 300  # serve.start's wait for the proxies (60 s by default)
 
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
