@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lora_dropout=args.dropout,
         target_modules=tuple(args.target_modules.split(",")),
         threads=args.threads,
+        save_dtype=args.save_dtype,
     )
     try:
         report = train(cfg)
@@ -177,6 +178,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES))
+    p.add_argument(
+        "--save-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="full: checkpoint dtype (bfloat16 halves it but erases small updates)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(func=cmd_train)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from training.config import TrainConfig
 from training.evaluate import EngineSpec, Run, run_engine_subprocess
 from training.report import TrainingReport
@@ -57,6 +59,17 @@ def test_short_full_fine_tune_checkpoint_serves(
     assert report.trainable_share == 1.0 and report.steps == 2
     assert report.config["learning_rate"] == 1e-5
     assert TrainingReport.read(out / "training_report.json").method == "full"
+    # The update survives saving: float32, and most weights differ from the base. (A bf16 save
+    # rounds updates of ~lr back to the base's values: that lost whole fine-tunes once.)
+    from safetensors import safe_open
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(out / "model.safetensors", "pt") as tuned:
+        w = tuned.get_tensor(name)
+    with safe_open(base_model_dir / "model.safetensors", "pt") as base:
+        w0 = base.get_tensor(name).float()
+    assert w.dtype == torch.float32
+    assert (w != w0).float().mean() > 0.5
     # The checkpoint serves in vLLM (own engine, own process: vLLM spawns workers).
     cells = run_engine_subprocess(
         EngineSpec(
