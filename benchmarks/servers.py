@@ -206,8 +206,7 @@ def tenantlora_server(
     env = {}
     if cpu_lora_ops is not None:
         env["TENANTLORA_CPU_LORA_OPS"] = "1" if cpu_lora_ops else "0"
-        if cpu_lora_ops:
-            cmd.append("--cpu-lora-ops")
+        cmd.append("--cpu-lora-ops" if cpu_lora_ops else "--no-cpu-lora-ops")
     return Server(name, cmd, port, log_dir / f"{name}.log", env, base_model_name="base")
 
 

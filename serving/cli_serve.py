@@ -52,9 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--cpu-lora-ops",
         dest="cpu_lora_ops",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="Use tenantlora's grouped CPU LoRA ops (experimental vLLM plugin).",
+        help="tenantlora's grouped CPU LoRA ops (vLLM plugin; on by default, "
+        "--no-cpu-lora-ops runs vLLM's own).",
     )
     serve.add_argument(
         "--enforce-eager",

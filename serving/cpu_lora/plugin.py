@@ -10,9 +10,11 @@ What it changes, on the CPU platform of vLLM 0.32.0 only:
   ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked float32 tensor each, so the
   projections that share an input (q/k/v, gate/up) run as one shrink and one expand.
 
-Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1": on; "0", the default: off until its end-to-end equality and speed are confirmed on a quiet machine); the server's
-``cpu_lora_ops`` setting sets it, and vLLM's child processes inherit it. On any other vLLM
-version, or another platform, the plugin stands down with one log line and vLLM runs unchanged.
+Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1": on; unset or "0": off, so vLLM processes that
+tenantlora did not start stay unchanged). ``tenantlora serve`` sets it from its
+``cpu_lora_ops`` setting (on by default; ``--no-cpu-lora-ops`` turns it off), and vLLM's child
+processes inherit it. On any other vLLM version, or another platform, the plugin stands down
+with one log line and vLLM runs unchanged.
 """
 
 from __future__ import annotations
