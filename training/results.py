@@ -38,75 +38,32 @@ def _run(cmd: list[str], log_path: Path, threads: int, nice: int) -> None:
         subprocess.run(full, stdout=fh, stderr=subprocess.STDOUT, env=env, check=True)
 
 
+def _train_cmd(
+    args: argparse.Namespace, data: Path, work: Path, method: str, task: str, steps: int
+) -> list[str]:
+    """The `tenantlora train` command line of one run of the table."""
+    cmd = [sys.executable, "-m", "serving.cli", "train", method, "--base", args.base]
+    cmd += ["--data", str(data / task / "train.jsonl")]
+    cmd += ["--eval-data", str(data / task / "eval.jsonl")]
+    cmd += ["--out", str(work / "runs" / f"{method}-{task}"), "--max-steps", str(steps)]
+    cmd += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    cmd += ["--logging-steps", "1" if method == "qlora" else "2"]
+    if args.skip_eval_before and method != "qlora":
+        cmd.append("--skip-eval-before")
+    return cmd
+
+
 def train_jobs(
     args: argparse.Namespace, data: Path, work: Path
 ) -> list[tuple[str, str, list[str]]]:
-    jobs = []
-    for method in ("lora", "full"):
-        for task in args.tasks:
-            out = work / "runs" / f"{method}-{task}"
-            jobs.append(
-                (
-                    method,
-                    task,
-                    [
-                        sys.executable,
-                        "-m",
-                        "serving.cli",
-                        "train",
-                        method,
-                        "--base",
-                        args.base,
-                        "--data",
-                        str(data / task / "train.jsonl"),
-                        "--eval-data",
-                        str(data / task / "eval.jsonl"),
-                        "--out",
-                        str(out),
-                        "--max-steps",
-                        str(args.steps),
-                        "--batch-size",
-                        str(args.batch_size),
-                        "--threads",
-                        str(args.threads),
-                        "--logging-steps",
-                        "2",
-                        *(["--skip-eval-before"] if args.skip_eval_before else []),
-                    ],
-                )
-            )
+    jobs = [
+        (method, task, _train_cmd(args, data, work, method, task, args.steps))
+        for method in ("lora", "full")
+        for task in args.tasks
+    ]
     if args.qlora_steps > 0:
         task = args.qlora_task
-        out = work / "runs" / f"qlora-{task}"
-        jobs.append(
-            (
-                "qlora",
-                task,
-                [
-                    sys.executable,
-                    "-m",
-                    "serving.cli",
-                    "train",
-                    "qlora",
-                    "--base",
-                    args.base,
-                    "--data",
-                    str(data / task / "train.jsonl"),
-                    "--eval-data",
-                    str(data / task / "eval.jsonl"),
-                    "--out",
-                    str(out),
-                    "--max-steps",
-                    str(args.qlora_steps),
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--threads",
-                    str(args.threads),
-                    "--logging-steps",
-                    "1",
-                ],
-            )
-        )
+        jobs.append(("qlora", task, _train_cmd(args, data, work, "qlora", task, args.qlora_steps)))
     # Alternate the two methods so parallel workers finish at about the same time.
     order = args.order.split(",")
     return sorted(jobs, key=lambda j: (order.index(j[1]) if j[1] in order else 9, j[0] == "qlora"))
