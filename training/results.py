@@ -278,7 +278,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         + f"; general set {_fmt(base[0]['general'], 'pct') if base else '–'}.",
         "",
     ]
-    lines += meta.get("notes", [])
+    for note in meta.get("notes", []):
+        lines += ["", note]
     path.write_text("\n".join(lines) + "\n")
 
 
