@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.adapters_fixture import TARGET_MODULES  # the projections the adapters target
 from serving.hardware import resolve_dtype
 
 BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL")
@@ -26,7 +27,6 @@ WORK_DIR = Path(os.environ.get("TENANTLORA_BENCH_WORK", "/tmp/tenantlora-bench/c
 RESULTS = Path(__file__).resolve().parent / "results"
 # What `tenantlora serve` picks on this machine (float32 on CPUs without native bf16).
 DTYPE = os.environ.get("TENANTLORA_BENCH_DTYPE") or resolve_dtype("auto", gpu=False)
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_adapters(count: int, base_model: str | None = None, rank: int = 16) -> list[Path]:

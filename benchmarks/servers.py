@@ -87,7 +87,7 @@ def scrape_metrics(root_url: str) -> dict[str, float]:
 
 def bench_dtype() -> str:
     """The one dtype every server in a benchmark run uses: what `tenantlora serve` picks by
-    default on this machine (serving.engine.resolve_dtype), so the comparison is like for like."""
+    default on this machine (serving.hardware.resolve_dtype), so the comparison is like for like."""
     from serving.engine import on_gpu
     from serving.hardware import resolve_dtype
 

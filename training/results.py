@@ -153,6 +153,24 @@ def stage_eval(args: argparse.Namespace, data: Path, work: Path) -> None:
     _run(cmd, work / "logs" / "eval.log", env_threads, args.nice)
 
 
+def _training_fields(r: TrainingReport) -> dict:
+    """The table's columns that come from a run's training_report.json."""
+    return {
+        "trainable_share": r.trainable_share,
+        "trainable_params": r.trainable_params,
+        "steps": r.steps,
+        "train_time_s": r.wall_time_s,
+        "tokens_per_s": r.tokens_per_s,
+        "peak_memory_bytes": r.peak_memory_bytes,
+        "artifact_bytes": r.artifact_bytes,
+        "train_loss_final": r.train_loss_final,
+        "eval_loss_before": r.eval_loss_before,
+        "eval_loss_final": r.eval_loss_final,
+        "device": r.device,
+        "learning_rate": r.config.get("learning_rate"),
+    }
+
+
 def build_rows(work: Path) -> tuple[list[dict], dict]:
     """Rows from every evaluation file in `work` (eval.json, or pieces eval-*.json)."""
     from training.evaluate import Cell, summarize
@@ -178,20 +196,7 @@ def build_rows(work: Path) -> tuple[list[dict], dict]:
             run = work / "runs" / f"{label}-{task}"
             if label in ("lora", "qlora", "full") and (run / "training_report.json").is_file():
                 r = TrainingReport.read(run / "training_report.json")
-                row.update(
-                    trainable_share=r.trainable_share,
-                    trainable_params=r.trainable_params,
-                    steps=r.steps,
-                    train_time_s=r.wall_time_s,
-                    tokens_per_s=r.tokens_per_s,
-                    peak_memory_bytes=r.peak_memory_bytes,
-                    artifact_bytes=r.artifact_bytes,
-                    train_loss_final=r.train_loss_final,
-                    eval_loss_before=r.eval_loss_before,
-                    eval_loss_final=r.eval_loss_final,
-                    device=r.device,
-                    learning_rate=r.config.get("learning_rate"),
-                )
+                row.update(_training_fields(r))
             if label == "merged" and (run / "merge_report.json").is_file():
                 m = json.loads((run / "merge_report.json").read_text())
                 row.update(
@@ -210,12 +215,7 @@ def build_rows(work: Path) -> tuple[list[dict], dict]:
         rows.append({
             "method": label, "task": task, "score": None, "n": 0, "general": None,
             "forgetting": None, "base_score": base.get(task, {}).get("score"),
-            "trainable_share": r.trainable_share, "trainable_params": r.trainable_params,
-            "steps": r.steps, "train_time_s": r.wall_time_s, "tokens_per_s": r.tokens_per_s,
-            "peak_memory_bytes": r.peak_memory_bytes, "artifact_bytes": r.artifact_bytes,
-            "train_loss_final": r.train_loss_final, "eval_loss_before": r.eval_loss_before,
-            "eval_loss_final": r.eval_loss_final, "device": r.device,
-            "learning_rate": r.config.get("learning_rate"), "note": "not evaluated",
+            **_training_fields(r), "note": "not evaluated",
         })  # fmt: skip
     order = {m: i for i, m in enumerate(("base", "lora", "qlora", "merged", "full"))}
     rows.sort(key=lambda r: (r["task"], order.get(r["method"], 9)))
