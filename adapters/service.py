@@ -6,29 +6,19 @@ A failure at any step leaves the registry and the stored adapters as they were."
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from adapters.archive import copy_adapter_folder, extract_archive
-from adapters.errors import InvalidAdapter
-from adapters.registry import PUBLIC_TENANT, AdapterVersion, Registry, Tenant, split_pinned
+from adapters.names import check_adapter_name
+from adapters.registry import AdapterVersion, Registry, Tenant, split_pinned
 from adapters.store import AdapterStore
 from adapters.validation import BaseModelSpec, validate_adapter
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_adapter_name(name: str) -> None:
-    if not ADAPTER_NAME.match(name):
-        raise InvalidAdapter(
-            f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
-            "(and start with a letter or digit)",
-            "invalid_name",
-        )
-
 
 class AdapterService:
+    """The write path: registration and deletion. Lookups are `adapters.catalog.AdapterCatalog`."""
+
     def __init__(
         self,
         registry: Registry,
@@ -101,22 +91,6 @@ class AdapterService:
             if not self.registry.digest_in_use(digest):
                 self.store.remove(digest)
             raise
-
-    def resolve(self, tenant: Tenant, model: str) -> AdapterVersion | None:
-        """The adapter `model` names for this tenant (own first, then public), or None."""
-        name, version = split_pinned(model)
-        found = self.registry.find_live(tenant, name, version)
-        if found is None and tenant.name != PUBLIC_TENANT:
-            found = self.registry.find_live(self.public, name, version)
-        return found
-
-    def visible(self, tenant: Tenant) -> list[AdapterVersion]:
-        """Adapters this tenant may use: its own and the public ones it does not shadow."""
-        own = self.registry.list_live(tenant)
-        if tenant.name == PUBLIC_TENANT:
-            return own
-        names = {a.name for a in own}
-        return own + [a for a in self.registry.list_live(self.public) if a.name not in names]
 
     def delete(self, tenant: Tenant, model: str) -> list[AdapterVersion]:
         name, version = split_pinned(model)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from adapters.errors import AdapterTooLarge, NotFound
+from adapters.names import NAME_PATTERN
 from adapters.registry import AdapterVersion, Tenant
 from serving.auth import current_tenant, is_admin_request, require_admin
 from serving.errors import APIError
@@ -23,7 +24,7 @@ router = APIRouter()
 
 
 class TenantCreate(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     max_adapters: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
 
@@ -170,19 +171,19 @@ def _fetch_hub_adapter(hub_id: str) -> Path:
 async def list_adapters(
     tenant: Tenant = Depends(current_tenant), state: ServerState = Depends(server_state)
 ) -> dict:
-    return {"object": "list", "data": [a.public_dict() for a in state.adapters.visible(tenant)]}
+    return {"object": "list", "data": [a.public_dict() for a in state.catalog.visible(tenant)]}
 
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(
     name: str, tenant: Tenant = Depends(current_tenant), state: ServerState = Depends(server_state)
 ) -> dict:
-    adapter = state.adapters.resolve(tenant, name)
+    adapter = state.catalog.resolve(tenant, name)
     if adapter is None:
         raise APIError(404, f"Adapter `{name}` does not exist.", "adapter_not_found")
     versions = [
         a.public_dict()
-        for a in state.adapters.visible(tenant)
+        for a in state.catalog.visible(tenant)
         if a.name == adapter.name and a.tenant_id == adapter.tenant_id
     ]
     return {**adapter.public_dict(), "versions": versions}

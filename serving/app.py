@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from adapters.catalog import AdapterCatalog
 from adapters.registry import Registry
 from adapters.service import AdapterService
 from adapters.store import AdapterStore
@@ -76,6 +77,7 @@ async def _lifespan(app: FastAPI):
         base_name=base_name,
         base_path=str(base_path),
         adapters=adapters,
+        catalog=AdapterCatalog(adapters.registry),
         engine=engine,
         lifecycle=lifecycle,
         serving_models=models,

@@ -26,11 +26,11 @@ def _is_admin(state: ServerState, key: str | None) -> bool:
 async def current_tenant(request: Request, state: ServerState = Depends(server_state)) -> Tenant:
     """The tenant a request acts for. Without required auth, unknown callers are `public`."""
     key = _bearer(request)
-    tenant = state.adapters.registry.tenant_by_key(key) if key else None
+    tenant = state.catalog.registry.tenant_by_key(key) if key else None
     if tenant is not None:
         return tenant
     if _is_admin(state, key) or not state.settings.requires_auth:
-        return state.adapters.public
+        return state.catalog.public
     if key is None:
         raise APIError(401, "Missing API key: send `Authorization: Bearer KEY`.", "missing_api_key")
     raise APIError(401, "Invalid API key.", "invalid_api_key")

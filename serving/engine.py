@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from adapters.validation import SUPPORTED_TARGET_MODULES
 from serving.hardware import resolve_dtype
@@ -29,30 +30,48 @@ def on_gpu() -> bool:
     return not current_platform.is_cpu()
 
 
-def build_engine_args(settings: Settings, model_path: Path, served_name: str):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    gpu = on_gpu()
-    return AsyncEngineArgs(
+def engine_kwargs(
+    settings: Settings,
+    model_path: Path | str,
+    served_name: str | None = None,
+    *,
+    lora: bool = True,
+    gpu: bool | None = None,
+) -> dict[str, Any]:
+    """The one set of vLLM engine arguments, from the settings. The same keys fit
+    `AsyncEngineArgs(**kw)` (the server) and `vllm.LLM(**kw)` (evaluation, benchmarks)."""
+    gpu = on_gpu() if gpu is None else gpu
+    kwargs: dict[str, Any] = dict(
         model=str(model_path),
-        served_model_name=[served_name],
         tokenizer=str(model_path),
         dtype=resolve_dtype(settings.dtype, gpu),
         max_model_len=settings.max_model_len,
-        enable_lora=True,
-        max_loras=settings.max_loras,
-        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-        max_lora_rank=settings.max_lora_rank,
-        # Only the projections adapters may target (adapters.validation). vLLM's default wraps
-        # lm_head and the embeddings too, and on the CPU its logits LoRA then gathers a
-        # (vocab x rank) weight copy per sequence every step, for adapters that have none.
-        lora_target_modules=sorted(SUPPORTED_TARGET_MODULES),
         gpu_memory_utilization=settings.effective_memory_share(gpu),
         kv_cache_memory_bytes=settings.kv_cache_bytes(gpu),
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=settings.enforce_eager,
         disable_log_stats=False,
     )
+    if served_name:
+        kwargs["served_model_name"] = [served_name]
+    if lora:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+            max_lora_rank=settings.max_lora_rank,
+            # Only the projections adapters may target (adapters.validation). vLLM's default
+            # wraps lm_head and the embeddings too, and on the CPU its logits LoRA then gathers a
+            # (vocab x rank) weight copy per sequence every step, for adapters that have none.
+            lora_target_modules=sorted(SUPPORTED_TARGET_MODULES),
+        )
+    return kwargs
+
+
+def build_engine_args(settings: Settings, model_path: Path, served_name: str):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_kwargs(settings, model_path, served_name))
 
 
 def start_engine(settings: Settings, model_path: Path, served_name: str):

@@ -43,7 +43,7 @@ async def list_models(
             "max_model_len": state.settings.max_model_len,
         }
     ]
-    for adapter in state.adapters.visible(tenant):
+    for adapter in state.catalog.visible(tenant):
         data.append(
             {
                 "id": adapter.name,
@@ -85,7 +85,7 @@ def _resolve(state: ServerState, tenant: Tenant, model: str | None) -> tuple[Res
 
     if not model or model == state.base_name:
         return ResolvedModel(state.base_name, None), "base"
-    adapter = state.adapters.resolve(tenant, model)
+    adapter = state.catalog.resolve(tenant, model)
     if adapter is None:
         raise model_not_found(model)
     lora = LoRARequest(adapter.engine_name, adapter.id, adapter.path)

@@ -194,21 +194,13 @@ class TenantloraGateway:
     """Routes each request to an engine replica by the adapter it names."""
 
     def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
+        from adapters.catalog import AdapterCatalog
         from adapters.registry import Registry
-        from adapters.service import AdapterService
 
         self.engine = engine
         self.settings = settings
-        registry = Registry(settings.registry_url)
-        # Routing only needs resolve(): the store and the base model spec stay with the replicas.
-        self.adapters = AdapterService(
-            registry,
-            None,  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            max_rank=settings.max_lora_rank,
-            max_bytes=settings.max_adapter_bytes,
-        )
-        self._auth_state = SimpleNamespace(settings=settings, adapters=self.adapters)
+        self.adapters = AdapterCatalog(Registry(settings.registry_url))
+        self._auth_state = SimpleNamespace(settings=settings, catalog=self.adapters)
 
     async def routing_key(self, request: Request, body: bytes) -> str:
         """The adapter version id this request will run (as a string), or "" for none."""

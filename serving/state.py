@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from adapters.catalog import AdapterCatalog
 from adapters.service import AdapterService
 from serving.engine import AdapterLifecycle
 from serving.settings import Settings
@@ -17,6 +18,7 @@ class ServerState:
     base_name: str
     base_path: str
     adapters: AdapterService
+    catalog: AdapterCatalog
     engine: object  # ObservedEngine around vLLM's AsyncLLM
     lifecycle: AdapterLifecycle
     serving_models: object

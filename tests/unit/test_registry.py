@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
+from adapters.catalog import AdapterCatalog
 from adapters.errors import Conflict, NotFound, QuotaExceeded
 from adapters.keys import hash_key
 from adapters.registry import Registry, split_pinned
@@ -100,14 +101,14 @@ def test_versions_pinning_and_isolation(service, adapter_dirs):
     assert (v1.version, v2.version, g1.version) == (1, 2, 1)
     assert len({v1.id, v2.id, g1.id}) == 3
     assert len({v1.engine_name, v2.engine_name, g1.engine_name}) == 3
-    assert service.resolve(acme, "support").id == v2.id
-    assert service.resolve(acme, "support@1").id == v1.id
-    assert service.resolve(globex, "support").id == g1.id
-    assert service.resolve(globex, "support@2") is None
+    assert AdapterCatalog(service.registry).resolve(acme, "support").id == v2.id
+    assert AdapterCatalog(service.registry).resolve(acme, "support@1").id == v1.id
+    assert AdapterCatalog(service.registry).resolve(globex, "support").id == g1.id
+    assert AdapterCatalog(service.registry).resolve(globex, "support@2") is None
     with pytest.raises(NotFound):
         service.delete(globex, "support@2")
     service.delete(acme, "support@2")
-    assert service.resolve(acme, "support").id == v1.id
+    assert AdapterCatalog(service.registry).resolve(acme, "support").id == v1.id
     assert split_pinned("x@3") == ("x", 3) and split_pinned("x@y") == ("x@y", None)
 
 
@@ -119,7 +120,7 @@ def test_quota_refusal_stores_nothing(service, adapter_dirs):
         service.register_folder(small, "two", adapter_dirs["b"])
     after = sorted(p for p in service.store.root.rglob("*") if p.is_file())
     assert before == after
-    assert [a.name for a in service.visible(small)] == ["one"]
+    assert [a.name for a in AdapterCatalog(service.registry).visible(small)] == ["one"]
 
 
 def test_registry_survives_reopen(service, adapter_dirs, registry_url):
