@@ -14,9 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
+from adapters.targets import LORA_TARGET_MODULES
+
 log = logging.getLogger(__name__)
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = list(LORA_TARGET_MODULES)
 
 
 def _marker(path: Path) -> Path:

@@ -7,7 +7,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from adapters.targets import LORA_TARGET_MODULES
+
+ALL_PROJECTIONS = list(LORA_TARGET_MODULES)
 
 
 def make_random_adapters(

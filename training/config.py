@@ -6,19 +6,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from adapters.targets import LORA_TARGET_MODULES
+
 Method = Literal["lora", "qlora", "full"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 
 # All attention and MLP projections of a Llama-style decoder (what vLLM's LoRA layers serve).
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+DEFAULT_TARGET_MODULES = LORA_TARGET_MODULES
 
 # Learning rates: adapters train a small, zero-initialised update and take a large rate; full
 # fine-tuning moves every pretrained weight and takes a small one.

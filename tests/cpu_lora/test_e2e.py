@@ -25,6 +25,7 @@ SCRIPT = r"""
 import json, sys
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
+from adapters.targets import LORA_TARGET_MODULES
 
 if __name__ == "__main__":
     model, adapters, dtype = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
@@ -32,8 +33,7 @@ if __name__ == "__main__":
     # meet a non-empty last slot as well.
     llm = LLM(model=model, enable_lora=True, max_loras=len(adapters), max_lora_rank=16,
               max_model_len=256, dtype=dtype, seed=0,
-              lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                   "down_proj"])
+              lora_target_modules=list(LORA_TARGET_MODULES))
     prompts = ["The capital of France is", "Write a haiku about the sea.",
                "List three prime numbers:", "Once upon a time, in a small village,",
                "Explain what a LoRA adapter is.", "2 + 2 =", "The best way to learn is",

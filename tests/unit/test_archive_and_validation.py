@@ -10,6 +10,7 @@ from support import adapter_archive, tar_gz_bytes, zip_bytes
 
 from adapters.archive import extract_archive
 from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.targets import LORA_TARGET_MODULES
 from adapters.validation import BaseModelSpec, validate_adapter
 
 
@@ -29,9 +30,7 @@ def test_good_tar_and_zip_extract_and_validate(tmp_path, adapter_dirs, base_spec
     out = _extract(tmp_path, adapter_archive(folder))
     info = validate_adapter(out, base_spec, max_rank=16)
     assert info.rank == 8
-    assert set(info.target_modules) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    }  # fmt: skip
+    assert set(info.target_modules) == set(LORA_TARGET_MODULES)
     assert info.num_tensors == 30 * 7 * 2
     zipped = zip_bytes(
         {
