@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.adapters_fixture import TARGET_MODULES  # the projections the adapters target
+from adapters.targets import LORA_TARGET_MODULES
 from serving.hardware import resolve_dtype
 
 BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL")
@@ -29,20 +29,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE = os.environ.get("TENANTLORA_BENCH_DTYPE") or resolve_dtype("auto", gpu=False)
 
 
-def make_adapters(count: int, base_model: str | None = None, rank: int = 16) -> list[Path]:
+def make_adapters(count: int, rank: int = 16) -> list[Path]:
     """``count`` random-but-nonzero rank-16 PEFT adapters on all seven projections (cached)."""
     from benchmarks.adapters_fixture import make_adapters as make
 
-    return list(make(base_model or default_base_model(), WORK_DIR, count, rank=rank).values())
+    return list(make(base_model(), WORK_DIR, count, rank=rank).values())
 
 
-def default_base_model() -> str:
-    """TENANTLORA_BENCH_MODEL, else the embedded SmolLM2 as `tenantlora serve` prepares it."""
-    if BASE_MODEL:
-        return BASE_MODEL
-    from training.trainer import resolve_base
+def base_model() -> str:
+    """TENANTLORA_BENCH_MODEL, else the server's base model (TENANTLORA_BASE_MODEL, by default
+    the embedded SmolLM2), resolved as `tenantlora serve` resolves it."""
+    from serving.base_model import resolve_base_model
+    from serving.settings import Settings
 
-    return str(resolve_base("smollm2-135m-instruct"))
+    settings = Settings()
+    return str(resolve_base_model(BASE_MODEL or settings.base_model, settings.models_dir))
 
 
 TOPICS = [
@@ -86,29 +87,28 @@ def prompts(n: int = 32) -> list[str]:
 
 
 def build_llm(lora: bool, max_loras: int = 32, max_model_len: int = 1024):
-    """The engine under test; ``lora=False`` is the base model alone."""
+    """The engine under test, with the server's engine arguments (serving.engine.engine_kwargs);
+    ``lora=False`` is the base model alone."""
     from vllm import LLM
+
+    from serving.engine import engine_kwargs
+    from serving.settings import Settings
 
     # enforce_eager for all three: vLLM runs every LoRA engine eager on the CPU anyway
     # (platforms/cpu.py sets CompilationMode.NONE with LoRA), so the base is compared like for
     # like; compiled, it was no faster (FACTS.md: 515 tok/s vs 526 LoRA-enabled, eager).
-    kwargs: dict = dict(
-        model=default_base_model(),
+    settings = Settings(
         max_model_len=max_model_len,
         dtype=DTYPE,
-        gpu_memory_utilization=0.3,
-        seed=0,
+        memory_share=0.3,
         enforce_eager=True,
+        max_loras=max_loras,
+        max_cpu_loras=max_loras,
+        max_lora_rank=16,
     )
-    if lora:
-        kwargs.update(
-            enable_lora=True,
-            max_loras=max_loras,
-            max_cpu_loras=max_loras,
-            max_lora_rank=16,
-            lora_target_modules=TARGET_MODULES,  # as the server's engine (serving/engine.py)
-        )
-    return LLM(**kwargs)
+    kwargs = engine_kwargs(settings, base_model(), lora=lora)
+    # An offline benchmark: a fixed seed, and no periodic stats logging in the timed calls.
+    return LLM(**{**kwargs, "seed": 0, "disable_log_stats": True})
 
 
 def lora_requests(n_prompts: int, n_adapters: int, paths: list[Path]):
@@ -388,7 +388,7 @@ def summarize(rows: list[dict], tokens: int, repeats: int) -> dict:
             }
         )
     config = {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32, "rank": 16,
-              "modules": TARGET_MODULES, "dtype": DTYPE, "enforce_eager": True}  # fmt: skip
+              "modules": list(LORA_TARGET_MODULES), "dtype": DTYPE, "enforce_eager": True}  # fmt: skip
     return {"config": config, "rounds": rows, "summary": summary}
 
 

@@ -76,11 +76,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from serving.base_model import resolve_base_model
+    from serving.settings import Settings
     from training.evaluate import EvalPlan, evaluate, summarize
-    from training.trainer import resolve_base
 
     plan = EvalPlan(
-        base=str(resolve_base(args.base)),
+        base=str(resolve_base_model(args.base, Settings().models_dir)),
         data_dir=Path(args.data),
         tasks=args.tasks.split(","),
         adapters={

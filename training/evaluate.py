@@ -65,37 +65,23 @@ class Cell:
 
 
 def _engine_kwargs(spec: EngineSpec, lora: bool) -> dict:
-    """The server's engine settings (serving.settings), with the spec's overrides."""
-    import torch
-
-    from serving.hardware import resolve_dtype
+    """The server's engine arguments (serving.engine.engine_kwargs over serving.settings), with
+    the spec's overrides and a fixed seed."""
+    from serving.engine import engine_kwargs
     from serving.settings import Settings
 
-    overrides = {"memory_share": spec.memory_share, "kv_cache_gib": spec.kv_cache_gib}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    gpu = torch.cuda.is_available()
-    kwargs = dict(
-        model=spec.model,
-        dtype=resolve_dtype(spec.dtype, gpu),
+    overrides = dict(
+        memory_share=spec.memory_share,
+        kv_cache_gib=spec.kv_cache_gib,
+        dtype=spec.dtype,
         max_model_len=spec.max_model_len,
-        gpu_memory_utilization=settings.effective_memory_share(gpu),
-        enforce_eager=spec.enforce_eager,
         max_num_seqs=spec.max_num_seqs,
-        seed=0,
+        enforce_eager=spec.enforce_eager,
+        max_loras=spec.max_loras,
+        max_lora_rank=spec.max_lora_rank,
     )
-    kv_bytes = settings.kv_cache_bytes(gpu)
-    if kv_bytes is not None:
-        kwargs["kv_cache_memory_bytes"] = kv_bytes
-    if lora:
-        from adapters.validation import SUPPORTED_TARGET_MODULES
-
-        kwargs.update(
-            enable_lora=True,
-            max_loras=spec.max_loras,
-            max_lora_rank=spec.max_lora_rank,
-            lora_target_modules=sorted(SUPPORTED_TARGET_MODULES),  # as the server's engine
-        )
-    return kwargs
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return {**engine_kwargs(settings, spec.model, lora=lora), "seed": 0}
 
 
 def run_engine(spec: EngineSpec) -> list[Cell]:

@@ -50,14 +50,15 @@ class MergeReport:
 
 
 def _adapter_base(adapter: Path, base: str | None) -> Path:
-    from training.trainer import resolve_base
+    from serving.base_model import resolve_base_model
+    from serving.settings import Settings
 
     if base is None:
         config = json.loads((adapter / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if not base:
             raise MergeError(f"{adapter}/adapter_config.json names no base model; pass --base")
-    return resolve_base(base)
+    return resolve_base_model(base, Settings().models_dir)
 
 
 def _logits(model, batches) -> list:

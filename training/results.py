@@ -394,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     work: Path = args.work
     if args.stage in ("all", "train", "eval"):
         # Resolve (and if needed prepare) the base once, not in each parallel training process.
-        from training.trainer import resolve_base
+        from serving.base_model import resolve_base_model
+        from serving.settings import Settings
 
-        args.base = str(resolve_base(args.base))
+        args.base = str(resolve_base_model(args.base, Settings().models_dir))
     data = work / "data"
     if not (data / "general" / "eval.jsonl").is_file():
         from training.tasks import generate_all

@@ -35,13 +35,6 @@ class Loaded:
     total: int
 
 
-def resolve_base(spec: str) -> Path:
-    from serving.base_model import resolve_base_model
-    from serving.settings import Settings
-
-    return resolve_base_model(spec, Settings().models_dir)
-
-
 def load_datasets(cfg: TrainConfig):
     """Validated records as HF datasets in conversational prompt/completion form."""
     from datasets import Dataset
@@ -199,6 +192,9 @@ def train(cfg: TrainConfig) -> TrainingReport:
     import torch
     from transformers import set_seed
 
+    from serving.base_model import resolve_base_model
+    from serving.settings import Settings
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -206,7 +202,7 @@ def train(cfg: TrainConfig) -> TrainingReport:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    base = resolve_base(cfg.base)
+    base = resolve_base_model(cfg.base, Settings().models_dir)
     train_ds, eval_ds = load_datasets(cfg)
     loaded = load_model(cfg, base)
     log.info(
