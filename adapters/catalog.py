@@ -15,7 +15,11 @@ class AdapterCatalog:
 
     def resolve(self, tenant: Tenant, model: str) -> AdapterVersion | None:
         """The adapter `model` names for this tenant (own first, then public), or None."""
-        name, version = split_pinned(model)
+        return self.resolve_parsed(tenant, *split_pinned(model))
+
+    def resolve_parsed(
+        self, tenant: Tenant, name: str, version: int | None
+    ) -> AdapterVersion | None:
         found = self.registry.find_live(tenant, name, version)
         if found is None and tenant.name != PUBLIC_TENANT:
             found = self.registry.find_live(self.public, name, version)

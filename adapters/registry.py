@@ -127,7 +127,7 @@ class AdapterVersion:
 def split_pinned(model: str) -> tuple[str, int | None]:
     """`name@3` -> ("name", 3); `name` -> ("name", None)."""
     name, sep, version = model.rpartition("@")
-    if sep and name and version.isdigit():
+    if sep and name and version.isascii() and version.isdigit() and len(version) <= 9:
         return name, int(version)
     return model, None
 
@@ -246,6 +246,8 @@ class Registry:
     def __init__(self, url_or_path: str | Path) -> None:
         self._db = _open(url_or_path)
         self._lock = threading.RLock()
+        # Bumped by every write transaction of this process: readers' caches compare it.
+        self.generation = 0
 
     @property
     def backend(self) -> str:
@@ -266,6 +268,8 @@ class Registry:
             except self._db.connection_errors:
                 self._db.reconnect()
                 raise
+            finally:
+                self.generation += 1
 
     def _query(self, sql: str, params: tuple = ()) -> list[Any]:
         """A read; retried once on a fresh connection if the PostgreSQL server dropped it."""

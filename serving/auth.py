@@ -1,16 +1,93 @@
-"""Authentication: `Authorization: Bearer KEY` names a tenant (or the admin)."""
+"""Authentication: `Authorization: Bearer KEY` names a tenant (or the admin).
+
+`Authenticator.authenticate` is a plain async function of the key; the FastAPI dependencies at
+the bottom only pull the key out of the request. Key lookups run in a worker thread and are
+cached by the key's hash for `ttl` seconds (dropped at once on any registry write in this
+process, so a revoked key or a deleted tenant stops working here at once, on other replicas
+within `ttl`)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+import anyio.to_thread
 from fastapi import Depends, Request
 
-from adapters.keys import keys_equal
-from adapters.registry import Tenant
+from adapters.keys import hash_key, keys_equal
+from adapters.registry import Registry, Tenant
 from serving.errors import APIError
 from serving.state import ServerState, server_state
 
+_CACHE_LIMIT = 10_000
 
-def _bearer(request: Request) -> str | None:
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request. `anonymous`: no valid tenant key and auth not required; such a caller
+    acts as the `public` tenant and may read and generate, never write."""
+
+    tenant: Tenant
+    is_admin: bool = False
+    anonymous: bool = False
+
+
+class Authenticator:
+    def __init__(
+        self,
+        registry: Registry,
+        public: Tenant,
+        *,
+        admin_key: str | None,
+        requires_auth: bool,
+        ttl: float = 2.0,
+    ) -> None:
+        self.registry = registry
+        self.public = public
+        self._admin_key = admin_key
+        self.requires_auth = requires_auth
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Tenant | None]] = {}
+        self._generation = registry.generation
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    def is_admin_key(self, key: str | None) -> bool:
+        return key is not None and self._admin_key is not None and keys_equal(key, self._admin_key)
+
+    async def tenant_for_key(self, key: str) -> Tenant | None:
+        if self.registry.generation != self._generation:
+            self._cache.clear()
+            self._generation = self.registry.generation
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        tenant = await anyio.to_thread.run_sync(self.registry.tenant_by_key, key)
+        if len(self._cache) >= _CACHE_LIMIT:  # a flood of made-up keys must not grow memory
+            self._cache.clear()
+        self._cache[digest] = (now + self.ttl, tenant)
+        return tenant
+
+    async def authenticate(self, key: str | None) -> Caller:
+        """The caller a key names, or a 401 when auth is required and the key names nobody."""
+        if self.is_admin_key(key):
+            return Caller(self.public, is_admin=True)
+        tenant = await self.tenant_for_key(key) if key else None
+        if tenant is not None:
+            return Caller(tenant)
+        if not self.requires_auth:
+            return Caller(self.public, anonymous=True)
+        if key is None:
+            raise APIError(
+                401, "Missing API key: send `Authorization: Bearer KEY`.", "missing_api_key"
+            )
+        raise APIError(401, "Invalid API key.", "invalid_api_key")
+
+
+def bearer_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -18,35 +95,26 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def _is_admin(state: ServerState, key: str | None) -> bool:
-    admin = state.settings.admin_key
-    return key is not None and admin is not None and keys_equal(key, admin.get_secret_value())
+async def current_caller(request: Request, state: ServerState = Depends(server_state)) -> Caller:
+    return await state.auth.authenticate(bearer_key(request))
 
 
-async def current_tenant(request: Request, state: ServerState = Depends(server_state)) -> Tenant:
+async def current_tenant(caller: Caller = Depends(current_caller)) -> Tenant:
     """The tenant a request acts for. Without required auth, unknown callers are `public`."""
-    key = _bearer(request)
-    tenant = state.catalog.registry.tenant_by_key(key) if key else None
-    if tenant is not None:
-        return tenant
-    if _is_admin(state, key) or not state.settings.requires_auth:
-        return state.catalog.public
-    if key is None:
-        raise APIError(401, "Missing API key: send `Authorization: Bearer KEY`.", "missing_api_key")
-    raise APIError(401, "Invalid API key.", "invalid_api_key")
+    return caller.tenant
 
 
 async def require_admin(request: Request, state: ServerState = Depends(server_state)) -> None:
-    key = _bearer(request)
+    key = bearer_key(request)
     if state.settings.admin_key is None:
         raise APIError(
             403, "Admin routes are disabled: no admin key is configured.", "admin_disabled"
         )
     if key is None:
         raise APIError(401, "Missing API key: send `Authorization: Bearer KEY`.", "missing_api_key")
-    if not _is_admin(state, key):
+    if not state.auth.is_admin_key(key):
         raise APIError(403, "This route needs the admin key.", "admin_required")
 
 
 def is_admin_request(request: Request, state: ServerState) -> bool:
-    return _is_admin(state, _bearer(request))
+    return state.auth.is_admin_key(bearer_key(request))

@@ -1,10 +1,7 @@
-"""The vLLM engine and the adapter lifecycle around it.
+"""The vLLM engine (its arguments, built in one place) and the adapter lifecycle around it.
 
 vLLM keeps up to `max_loras` adapters on the device per batch and `max_cpu_loras` in host memory,
-evicting the least recently used. We mirror that LRU order to know when a request is a cold start
-(the adapter is loaded explicitly then, so its load time is measured and a broken adapter fails
-before any generation), and count in-flight requests per adapter so a deleted adapter leaves the
-engine only after its last request has finished."""
+evicting the least recently used and reloading evicted ones on their next use by itself."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +55,7 @@ def engine_kwargs(
         kwargs.update(
             enable_lora=True,
             max_loras=settings.max_loras,
-            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+            max_cpu_loras=settings.adapter_cache_size,
             max_lora_rank=settings.max_lora_rank,
             # Only the projections adapters may target (adapters.validation). vLLM's default
             # wraps lm_head and the embeddings too, and on the CPU its logits LoRA then gathers a
@@ -87,45 +84,38 @@ def start_engine(settings: Settings, model_path: Path, served_name: str):
 
 
 class AdapterLifecycle:
-    """Loads adapters on first use, tracks residency and in-flight requests, retires deleted ones.
+    """Adapters in the engine: each is loaded explicitly on its first use by this process (so a
+    broken one fails with a clear error before any generation, and the load is timed), requests
+    in flight are counted per adapter, and a deleted adapter leaves the engine only after its
+    last request. Which adapters are resident is vLLM's to say (`resident_count`): its LRU
+    evicts and reloads them on its own."""
 
-    `on_load(seconds)` is called for every cold load; `on_resident(count)` whenever the number of
-    adapters held by the engine changes."""
-
-    def __init__(
-        self,
-        engine,
-        capacity: int,
-        on_load: Callable[[str, float], None] | None = None,
-        on_resident: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, engine, on_load: Callable[[str, float], None] | None = None) -> None:
         self.engine = engine
-        self.capacity = capacity
-        self._resident: OrderedDict[int, None] = OrderedDict()
+        self._verified: set[int] = set()  # loaded once by this process: vLLM can load it
         self._in_flight: defaultdict[int, int] = defaultdict(int)
         self._idle: dict[int, asyncio.Event] = {}
         self._load_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._on_load = on_load or (lambda _name, _s: None)
-        self._on_resident = on_resident or (lambda _n: None)
 
     async def ensure_loaded(self, lora_request) -> bool:
-        """Load the adapter if it is not resident; return True if this was a cold load."""
+        """Load the adapter on its first use here; return True if this call loaded it."""
         lora_id = lora_request.lora_int_id
-        if lora_id in self._resident:
-            self._resident.move_to_end(lora_id)
+        if lora_id in self._verified:
             return False
         async with self._load_locks[lora_id]:
-            if lora_id in self._resident:
-                self._resident.move_to_end(lora_id)
+            if lora_id in self._verified:
                 return False
             started = time.perf_counter()
             await self.engine.add_lora(lora_request)
             self._on_load(lora_request.lora_name, time.perf_counter() - started)
-            self._resident[lora_id] = None
-            while len(self._resident) > self.capacity:
-                self._resident.popitem(last=False)  # vLLM's LRU evicts the same one
-            self._on_resident(len(self._resident))
+            self._verified.add(lora_id)
+            self._load_locks.pop(lora_id, None)
             return True
+
+    async def resident_count(self) -> int:
+        """Adapters vLLM holds now (device slots and its host LRU cache)."""
+        return len(await self.engine.list_loras())
 
     def acquire(self, lora_id: int) -> None:
         self._in_flight[lora_id] += 1
@@ -148,6 +138,5 @@ class AdapterLifecycle:
                 await asyncio.wait_for(event.wait(), timeout)
             except TimeoutError:
                 log.warning("adapter %s still busy after %.0f s; removing anyway", lora_id, timeout)
+        self._verified.discard(lora_id)
         await self.engine.remove_lora(lora_id)
-        if self._resident.pop(lora_id, "absent") != "absent":
-            self._on_resident(len(self._resident))

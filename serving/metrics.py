@@ -5,14 +5,19 @@ so one `/metrics` page carries both (`tenantlora_*` and `vllm:*`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from serving.lease import RequestLease
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
@@ -96,7 +101,43 @@ class RequestLabels:
     adapter: str
 
 
-current_labels: ContextVar[RequestLabels | None] = ContextVar("tenantlora_labels", default=None)
+# Every (tenant, adapter) label pair in use, so a deleted adapter's series can be removed.
+_SERIES: dict[RequestLabels, set[tuple[Any, tuple[str, ...]]]] = defaultdict(set)
+
+
+def _child(metric: Any, labels: RequestLabels, *extra: str) -> Any:
+    values = (labels.tenant, labels.adapter, *extra)
+    _SERIES[labels].add((metric, values))
+    return metric.labels(*values)
+
+
+def forget_adapter(owner: str, pinned_name: str, engine_name: str) -> None:
+    """Drop a deleted adapter version's series: its owner's (`name@v`) and those of tenants
+    that used it as a public adapter (`owner/name@v`)."""
+    for labels in [k for k in _SERIES if (k.tenant, k.adapter) == (owner, pinned_name)]:
+        _remove(labels)
+    for labels in [k for k in _SERIES if k.adapter == engine_name]:
+        _remove(labels)
+    with contextlib.suppress(KeyError):
+        ADAPTER_LOADS.remove(engine_name)
+
+
+def forget_tenant(tenant: str) -> None:
+    """Drop every series of a deleted tenant."""
+    for labels in [k for k in _SERIES if k.tenant == tenant]:
+        _remove(labels)
+
+
+def _remove(labels: RequestLabels) -> None:
+    for metric, values in _SERIES.pop(labels, set()):
+        with contextlib.suppress(KeyError):
+            metric.remove(*values)
+
+
+def observe_request(labels: RequestLabels, route: str, status: int, seconds: float) -> None:
+    _child(REQUESTS, labels, route, str(status)).inc()
+    if status < 400:
+        _child(LATENCY, labels).observe(seconds)
 
 
 def render() -> bytes:
@@ -120,14 +161,17 @@ class ObservedEngine:
     def generate(self, prompt, sampling_params, *args, **kwargs):
         from vllm.sampling_params import RequestOutputKind
 
-        labels = current_labels.get() or RequestLabels("unknown", "unknown")
+        from serving.lease import current_lease
+
+        lease = current_lease.get()
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         stream = self._engine.generate(prompt, sampling_params, *args, **kwargs)
-        return _observe(stream, labels, delta)
+        return _observe(stream, lease, delta)
 
 
-async def _observe(stream: AsyncIterator, labels: RequestLabels, delta: bool) -> AsyncIterator:
+async def _observe(stream: AsyncIterator, lease: RequestLease | None, delta: bool) -> AsyncIterator:
     """Time one engine stream. With DELTA outputs each item holds only the new tokens."""
+    labels = lease.labels if lease is not None else RequestLabels("unknown", "unknown")
     started = time.perf_counter()
     first: float | None = None
     last = started
@@ -143,15 +187,14 @@ async def _observe(stream: AsyncIterator, labels: RequestLabels, delta: bool) ->
             )
         if first is None and any(tokens.values()):
             first = now
-            TTFT.labels(*_lv(labels)).observe(now - started)
+            _child(TTFT, labels).observe(now - started)
         last = now
         yield output
-    PROMPT_TOKENS.labels(*_lv(labels)).inc(prompt)
-    COMPLETION_TOKENS.labels(*_lv(labels)).inc(sum(tokens.values()))
+    completion = sum(tokens.values())
+    if lease is not None:
+        lease.add_tokens(prompt, completion)
+    _child(PROMPT_TOKENS, labels).inc(prompt)
+    _child(COMPLETION_TOKENS, labels).inc(completion)
     per_seq = max(tokens.values(), default=0)
     if first is not None and per_seq > 1:
-        TPOT.labels(*_lv(labels)).observe((last - first) / (per_seq - 1))
-
-
-def _lv(labels: RequestLabels) -> tuple[str, str]:
-    return labels.tenant, labels.adapter
+        _child(TPOT, labels).observe((last - first) / (per_seq - 1))

@@ -1,35 +1,40 @@
-"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Each route is a thin handler with a typed body; `serve` runs every generation request the same
+way: resolve the model for the tenant -> admit -> take the lease -> hand over to vLLM's serving
+class -> answer (JSON or SSE), with the lease released exactly once on every path."""
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-from adapters.registry import Tenant
-from serving import metrics
-from serving.auth import current_tenant
+from serving.auth import Caller, current_caller
 from serving.errors import APIError, error_response, model_not_found
+from serving.json_body import SCOPE_KEY, is_json
+from serving.lease import CLIENT_CLOSED, LeasedStreamingResponse, RequestLease, current_lease
 from serving.state import ServerState, server_state
-from serving.vllm_serving import ResolvedModel, current_model
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @router.get("/v1/models")
 async def list_models(
-    tenant: Tenant = Depends(current_tenant), state: ServerState = Depends(server_state)
+    caller: Caller = Depends(current_caller), state: ServerState = Depends(server_state)
 ) -> dict:
     created = int(state.started_at)
     data = [
@@ -38,18 +43,18 @@ async def list_models(
             "object": "model",
             "created": created,
             "owned_by": "tenantlora",
-            "root": state.base_path,
+            "root": state.base_name,
             "parent": None,
             "max_model_len": state.settings.max_model_len,
         }
     ]
-    for adapter in state.catalog.visible(tenant):
+    for adapter in await state.run_sync(state.catalog.visible, caller.tenant):
         data.append(
             {
                 "id": adapter.name,
                 "object": "model",
                 "created": int(adapter.created_at),
-                "owned_by": adapter.tenant_name,
+                "owned_by": "you" if adapter.tenant_id == caller.tenant.id else "tenantlora",
                 "root": adapter.pinned_name,
                 "parent": state.base_name,
                 "version": adapter.version,
@@ -58,157 +63,128 @@ async def list_models(
     return {"object": "list", "data": data}
 
 
-async def _json_body(raw: Request) -> dict:
-    media = raw.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise APIError(415, "Send the request body as application/json.", "unsupported_media_type")
-    try:
-        body = json.loads(await raw.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"Request body is not valid JSON: {exc}", "invalid_json") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "Request body must be a JSON object.", "invalid_json")
-    return body
+def typed_body(model: type[Body]) -> Callable[[Request], Body]:
+    """A dependency: the request's JSON body (parsed by `serving.json_body`) as `model`."""
 
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = ".".join(
-        str(p) for p in first.get("loc", ()) if not str(p).startswith(("function", "union"))
-    )
-    return f"Invalid request: {loc or 'body'}: {first.get('msg')}", loc or None
-
-
-def _resolve(state: ServerState, tenant: Tenant, model: str | None) -> tuple[ResolvedModel, str]:
-    """The adapter `model` names for this tenant, and the metrics label for it."""
-    from vllm.lora.request import LoRARequest
-
-    if not model or model == state.base_name:
-        return ResolvedModel(state.base_name, None), "base"
-    adapter = state.catalog.resolve(tenant, model)
-    if adapter is None:
-        raise model_not_found(model)
-    lora = LoRARequest(adapter.engine_name, adapter.id, adapter.path)
-    label = adapter.pinned_name if adapter.tenant_name == tenant.name else adapter.engine_name
-    return ResolvedModel(model, lora), label
-
-
-async def _serve(raw: Request, tenant: Tenant, state: ServerState, route: str):
-    started = time.perf_counter()
-    labels = metrics.RequestLabels(tenant.name, "none")
-
-    def finish(status: int) -> None:
-        metrics.REQUESTS.labels(labels.tenant, labels.adapter, route, str(status)).inc()
-        if status < 400:
-            metrics.LATENCY.labels(labels.tenant, labels.adapter).observe(
-                time.perf_counter() - started
+    async def parse(raw: Request) -> Body:
+        if not is_json(raw.scope):
+            raise APIError(
+                415, "Send the request body as application/json.", "unsupported_media_type"
             )
-
-    try:
-        body = await _json_body(raw)
-        request_cls = ChatCompletionRequest if route == "chat" else CompletionRequest
+        body = raw.scope.get(SCOPE_KEY)
+        if not isinstance(body, dict):
+            raise APIError(400, "Request body must be a JSON object.", "invalid_json")
         try:
-            request = request_cls.model_validate(body)
+            return model.model_validate(body)
         except ValidationError as exc:
-            message, param = _validation_message(exc)
-            raise APIError(400, message, "invalid_request", param) from exc
-        resolved, adapter_label = _resolve(state, tenant, request.model)
-    except APIError as exc:
-        finish(exc.status)
-        raise
-    labels = metrics.RequestLabels(tenant.name, adapter_label)
-    metrics.current_labels.set(labels)
-    current_model.set(resolved)
-    lora_id = resolved.lora.lora_int_id if resolved.lora else None
+            first = exc.errors()[0]
+            loc = ".".join(
+                str(p) for p in first.get("loc", ()) if not str(p).startswith(("function", "union"))
+            )
+            message = f"Invalid request: {loc or 'body'}: {first.get('msg')}"
+            raise APIError(400, message, "invalid_request", loc or None) from exc
 
-    if lora_id is not None:
-        state.lifecycle.acquire(lora_id)
+    return parse
+
+
+chat_body = typed_body(ChatCompletionRequest)
+completion_body = typed_body(CompletionRequest)
+
+
+@router.post("/v1/chat/completions")
+@with_cancellation
+async def chat_completions(
+    raw_request: Request,
+    body: ChatCompletionRequest = Depends(chat_body),
+    caller: Caller = Depends(current_caller),
+    state: ServerState = Depends(server_state),
+) -> Response:
+    return await serve(state, caller, body, raw_request, "chat")
+
+
+@router.post("/v1/completions")
+@with_cancellation
+async def completions(
+    raw_request: Request,
+    body: CompletionRequest = Depends(completion_body),
+    caller: Caller = Depends(current_caller),
+    state: ServerState = Depends(server_state),
+) -> Response:
+    return await serve(state, caller, body, raw_request, "completions")
+
+
+async def serve(
+    state: ServerState,
+    caller: Caller,
+    request: ChatCompletionRequest | CompletionRequest,
+    raw_request: Request,
+    route: str,
+) -> Response:
+    lease = state.new_lease(caller.tenant, route)
     try:
-        if resolved.lora is not None:
-            try:
-                await state.lifecycle.ensure_loaded(resolved.lora)
-            except Exception as exc:  # noqa: BLE001 - the engine refused the stored adapter
-                log.exception("adapter %s failed to load", resolved.lora.lora_name)
-                raise APIError(
-                    422,
-                    f"Adapter `{request.model}` could not be loaded: {exc}",
-                    "adapter_load_failed",
-                ) from exc
-        handler = state.serving_chat if route == "chat" else state.serving_completion
+        resolved = await state.resolver.resolve(caller.tenant, request.model)
+        if resolved is None:
+            raise model_not_found(request.model or "")
+        lease.resolved = resolved
+        await state.admit(lease, request)
+        request.cache_salt = state.cache_salts.salt_for(
+            caller.tenant.id, request.cache_salt, on_base=resolved.adapter is None
+        )
+        if resolved.adapter is not None:
+            state.lifecycle.acquire(resolved.adapter.id)
+            lease.on_release(lambda _lease, _status: state.lifecycle.release(resolved.adapter.id))
+            await _ensure_loaded(state, resolved, request.model or "")
+        current_lease.set(lease)
         if route == "chat":
-            result = await handler.create_chat_completion(request, raw)
+            result = await state.serving_chat.create_chat_completion(request, raw_request)
         else:
-            result = await handler.create_completion(request, raw)
+            result = await state.serving_completion.create_completion(request, raw_request)
     except APIError as exc:
-        _release(state, lora_id)
-        finish(exc.status)
+        lease.release(exc.status)
+        exc.headers = {**lease.headers, **exc.headers}
         raise
     except Exception as exc:  # noqa: BLE001 - vLLM's own mapping of engine errors to statuses
-        _release(state, lora_id)
-        error = create_error_response(exc)
-        finish(error.error.code)
-        if error.error.code >= 500:
-            log.exception("request failed")
-        return _openai_error(error)
+        return _engine_error(lease, create_error_response(exc))
     except BaseException:
-        _release(state, lora_id)
-        finish(499)  # cancelled: the client went away
+        lease.release(CLIENT_CLOSED)  # cancelled: the client went away
         raise
-
     if isinstance(result, ErrorResponse):
-        _release(state, lora_id)
-        finish(result.error.code)
-        return _openai_error(result)
-    if not isinstance(result, AsyncIterator):
-        _release(state, lora_id)
-        finish(200)
-        return JSONResponse(result.model_dump())
-
-    async def stream() -> AsyncIterator[str]:
-        status = 200
-        try:
-            async for chunk in result:
-                yield chunk
-        except BaseException:
-            status = 499
-            raise
-        finally:
-            _release(state, lora_id)
-            finish(status)
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
+        return _engine_error(lease, result)
+    if isinstance(result, AsyncIterator):
+        return LeasedStreamingResponse(result, lease, headers=lease.headers)
+    lease.release(200)
+    return JSONResponse(result.model_dump(), headers=lease.headers)
 
 
-def _openai_error(error: ErrorResponse) -> JSONResponse:
-    """vLLM's error (HTTP status as `code`) in the shape our other errors have."""
+async def _ensure_loaded(state: ServerState, resolved, model: str) -> None:
+    try:
+        await state.lifecycle.ensure_loaded(resolved.lora_request())
+    except Exception as exc:  # noqa: BLE001 - the engine refused the stored adapter
+        reference = uuid.uuid4().hex[:12]
+        log.exception(
+            "adapter %s failed to load (reference %s)", resolved.adapter.engine_name, reference
+        )
+        raise APIError(
+            422,
+            f"Adapter `{model}` could not be loaded by the engine (reference {reference}).",
+            "adapter_load_failed",
+        ) from exc
+
+
+def _engine_error(lease: RequestLease, error: ErrorResponse) -> JSONResponse:
+    """vLLM's error (HTTP status as `code`) in the shape our other errors have. A 5xx says only
+    that it failed and a reference; its details go to the server log."""
     info = error.error
+    lease.release(info.code)
+    message = info.message
     if info.param == "input_tokens":
         code = "context_length_exceeded"
     elif info.code < 500 and info.param:
         code = f"invalid_{info.param}"
     else:
         code = HTTPStatus(info.code).phrase.lower().replace(" ", "_")
-    return error_response(info.code, info.message, code, info.param)
-
-
-def _release(state: ServerState, lora_id: int | None) -> None:
-    if lora_id is not None:
-        state.lifecycle.release(lora_id)
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(
-    raw: Request,
-    tenant: Tenant = Depends(current_tenant),
-    state: ServerState = Depends(server_state),
-):
-    return await _serve(raw, tenant, state, "chat")
-
-
-@router.post("/v1/completions")
-async def completions(
-    raw: Request,
-    tenant: Tenant = Depends(current_tenant),
-    state: ServerState = Depends(server_state),
-):
-    return await _serve(raw, tenant, state, "completions")
+    if info.code >= 500:
+        reference = uuid.uuid4().hex[:12]
+        log.error("request failed (reference %s): %s", reference, info.message)
+        message = f"The server could not complete the request (reference {reference})."
+    return error_response(info.code, message, code, info.param, lease.headers)

@@ -12,7 +12,7 @@ Two deployments:
   id) and `x-tenantlora-replica-pid`.
 - `TenantloraGateway` (the HTTP ingress, no engine). For each request it reads the bearer key and
   the body's `model`, resolves the adapter with the same code the server uses
-  (`serving.auth.current_tenant`, `AdapterService.resolve`) and forwards the request, unchanged,
+  (`serving.auth.Authenticator`, `serving.resolver.TenantResolver`) and forwards the request, unchanged,
   to an engine replica with `multiplexed_model_id` set to the adapter's version id: Ray routes it
   to a replica that already loaded that adapter, or else to the one with the fewest adapters.
   Requests that name no adapter (the base model, admin routes, /health) go to any replica. A
@@ -38,7 +38,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -79,23 +78,22 @@ class TenantloraEngine:
             (REPLICA_PID_HEADER.encode(), str(os.getpid()).encode()),
         ]
 
-        # Ray keeps as many adapters per replica as the engine does (device slots + host cache),
-        # so its routing table matches what vLLM holds; vLLM evicts in the same LRU order.
+        # Ray's routing table holds as many adapters per replica as the engine's cache does
+        # (device slots + host cache); vLLM evicts and reloads on its own.
         async def load_adapter(model_id: str):
             return await self._load(model_id)
 
         self._load_adapter = serve.multiplexed(
-            max_num_models_per_replica=self.state.lifecycle.capacity
+            max_num_models_per_replica=settings.adapter_cache_size
         )(load_adapter)
         log.info("tenantlora replica %s ready (pid %d)", self.replica_id, os.getpid())
 
     async def _load(self, model_id: str):
         """Load the adapter version `model_id` into this replica's engine (the cold start)."""
-        from vllm.lora.request import LoRARequest
+        from serving.resolver import lora_request_for
 
         version = await asyncio.to_thread(self.state.adapters.registry.get_version, int(model_id))
-        lora = LoRARequest(version.engine_name, version.id, version.path)
-        await self.state.lifecycle.ensure_loaded(lora)
+        await self.state.lifecycle.ensure_loaded(lora_request_for(version))
         return version
 
     async def check_health(self) -> None:
@@ -196,17 +194,29 @@ class TenantloraGateway:
     def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
         from adapters.catalog import AdapterCatalog
         from adapters.registry import Registry
+        from serving.auth import Authenticator
+        from serving.resolver import TenantResolver
 
         self.engine = engine
         self.settings = settings
-        self.adapters = AdapterCatalog(Registry(settings.registry_url))
-        self._auth_state = SimpleNamespace(settings=settings, catalog=self.adapters)
+        catalog = AdapterCatalog(Registry(settings.registry_url))
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        self.auth = Authenticator(
+            catalog.registry,
+            catalog.public,
+            admin_key=admin_key,
+            requires_auth=settings.requires_auth,
+            ttl=settings.lookup_cache_seconds,
+        )
+        # The base model's name is the replicas' business: any name that is no adapter routes
+        # to any replica.
+        self.resolver = TenantResolver(catalog, base_name="", ttl=settings.lookup_cache_seconds)
 
     async def routing_key(self, request: Request, body: bytes) -> str:
         """The adapter version id this request will run (as a string), or "" for none."""
         import json
 
-        from serving.auth import current_tenant
+        from serving.auth import bearer_key
         from serving.errors import APIError
 
         if request.url.path not in MODEL_ROUTES or request.method != "POST":
@@ -218,10 +228,10 @@ class TenantloraGateway:
         if not isinstance(model, str) or not model:
             return ""
         try:
-            tenant = await current_tenant(request, self._auth_state)  # type: ignore[arg-type]
+            caller = await self.auth.authenticate(bearer_key(request))
         except APIError:
             return ""  # the replica answers the 401
-        adapter = await asyncio.to_thread(self.adapters.resolve, tenant, model)
+        adapter = await self.resolver.find_adapter(caller.tenant, model)
         return str(adapter.id) if adapter is not None else ""
 
     async def forward(self, request: Request) -> StreamingResponse | JSONResponse:

@@ -84,9 +84,88 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level.")
 
+    # Fair sharing and limits (serving/admission.py). Per-tenant fields are defaults: the admin
+    # overrides them per tenant. None means no limit.
+    tenant_max_concurrent: int | None = Field(
+        None, ge=1, description="Default per-tenant cap on requests in flight or queued at once."
+    )
+    tenant_requests_per_minute: int | None = Field(
+        None, ge=1, description="Default per-tenant requests per minute."
+    )
+    tenant_tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Default per-tenant tokens per minute: estimated prompt tokens plus the "
+        "requested completion tokens at admission, settled to the real count at the end.",
+    )
+    tenant_max_n: int = Field(16, ge=1, description="Default per-tenant largest `n` per request.")
+    tenant_max_prompts: int = Field(
+        32, ge=1, description="Default per-tenant largest number of prompts in one request."
+    )
+    tenant_weight: float = Field(
+        1.0, gt=0, description="Default per-tenant fair-queuing weight (share under load)."
+    )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where rate-limit counters live: `memory://` (this process; reset on restart) "
+        "or `redis://host:port` (shared by all replicas, kept across restarts).",
+    )
+    admission_max_in_flight: int = Field(
+        16,
+        ge=1,
+        description="Requests in the engine at once; beyond it new requests wait in per-tenant "
+        "queues served by weighted fair queuing. Near the point where the engine's throughput "
+        "stops growing (16 on a 2-core CPU); counted per replica.",
+    )
+    admission_queue_size: int = Field(
+        256, ge=0, description="Requests waiting for the engine, all tenants; beyond it 429."
+    )
+    admission_queue_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may wait in the queue before a 429."
+    )
+    fair_admission: bool = Field(
+        True,
+        description="Serve the queue by weighted fair queuing across tenants; off: first come "
+        "first served (for comparison).",
+    )
+
+    # ---- request path and tenant isolation (serving/auth.py, resolver.py, json_body.py, app.py)
+    lookup_cache_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="How long a key -> tenant and a (tenant, model) -> adapter lookup is cached. "
+        "Writes in this process drop the cache at once; this bounds how long another replica's "
+        "write (a revoked key, a new version) takes to show here.",
+    )
+    share_base_prefix_cache: bool = Field(
+        False,
+        description="Let tenants share the base model's prefix cache (faster repeated system "
+        "prompts across tenants, but response timing can tell one tenant what another sent). "
+        "Off: every tenant's prompts are cached apart (vLLM cache_salt set by the server).",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest JSON request body (413 past it)."
+    )
+    max_json_depth: int = Field(
+        64, ge=2, description="Deepest nesting of a JSON request body (400 past it)."
+    )
+    metrics_key: SecretStr | None = Field(
+        None,
+        description="Bearer key for GET /metrics besides the admin key. With neither an admin "
+        "nor a metrics key set, /metrics is open like the rest of a single-user server.",
+    )
+    enable_docs: bool = Field(
+        False, description="Serve the OpenAPI schema and docs pages (/docs, /openapi.json)."
+    )
+
     @property
     def requires_auth(self) -> bool:
         return self.admin_key is not None if self.auth_required is None else self.auth_required
+
+    @property
+    def adapter_cache_size(self) -> int:
+        """Adapters one engine holds at most (device slots + vLLM's host LRU cache)."""
+        return max(self.max_cpu_loras, self.max_loras)
 
     @property
     def models_dir(self) -> Path:

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-SUPPORTED_VLLM = "0.32.0"
 ENV_SWITCH = "TENANTLORA_CPU_LORA_OPS"
 WRAPPER_QUALNAME = "serving.cpu_lora.punica.GroupedPunicaWrapperCPU"
 
@@ -50,11 +49,11 @@ def register() -> None:
     if not enabled_by_env():
         logger.warning("tenantlora CPU LoRA ops: off (%s=0)", ENV_SWITCH)
         return
-    if vllm.__version__ != SUPPORTED_VLLM:
+    from serving.vllm_compat import vllm_supported
+
+    if not vllm_supported(vllm.__version__):
         logger.warning(
-            "tenantlora CPU LoRA ops: standing down, written for vLLM %s, found %s",
-            SUPPORTED_VLLM,
-            vllm.__version__,
+            "tenantlora CPU LoRA ops: standing down, not tested with vLLM %s", vllm.__version__
         )
         return
     from vllm.platforms import current_platform

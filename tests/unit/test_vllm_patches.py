@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.vllm_patches import masked_bgmv_shrink
+from serving.vllm_compat.patches import masked_bgmv_shrink
 
 
 def test_tokens_without_adapter_get_no_lora_contribution():

@@ -16,7 +16,7 @@ import logging
 
 log = logging.getLogger(__name__)
 
-WRITTEN_FOR = "0.32.0"
+
 _PATCHED = "_tenantlora_no_lora_fix"
 
 
@@ -34,11 +34,11 @@ def masked_bgmv_shrink(original):
 def register() -> None:
     import vllm
 
-    if vllm.__version__ != WRITTEN_FOR:
+    from serving.vllm_compat import vllm_supported
+
+    if not vllm_supported(vllm.__version__):
         log.warning(
-            "tenantlora: no-adapter fix written for vLLM %s, found %s: standing down",
-            WRITTEN_FOR,
-            vllm.__version__,
+            "tenantlora: no-adapter fix not tested with vLLM %s: standing down", vllm.__version__
         )
         return
     from vllm.lora.ops.torch_ops import lora_ops

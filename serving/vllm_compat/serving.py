@@ -1,14 +1,11 @@
 """vLLM's own OpenAI serving classes, with the adapter chosen by our tenant layer.
 
-vLLM's classes look adapters up by `request.model` in one flat, global dict. We resolve the name
-per tenant before the call and hand the result over in a context variable; these subclasses read
-it instead. Everything else (protocol models, chat templates, sampling, streaming, usage) is
-vLLM's code, unchanged."""
+vLLM's classes look adapters up by `request.model` in one flat, global dict. The tenant layer
+resolves the name per tenant before the call and hands the result over in the request's lease
+(`serving.lease.current_lease`); these subclasses read it instead. Everything else (protocol
+models, chat templates, sampling, streaming, usage) is vLLM's code, unchanged."""
 
 from __future__ import annotations
-
-from contextvars import ContextVar
-from dataclasses import dataclass
 
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
@@ -17,21 +14,17 @@ from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.lora.request import LoRARequest
 from vllm.renderers.online_renderer import OnlineRenderer
 
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """The model a request asked for, as its tenant sees it, and the adapter to run."""
-
-    public_name: str
-    lora: LoRARequest | None
+from serving.lease import current_lease
 
 
-current_model: ContextVar[ResolvedModel | None] = ContextVar("tenantlora_model", default=None)
+def _resolved():
+    lease = current_lease.get()
+    return lease.resolved if lease is not None else None
 
 
 class TenantServingModels(OpenAIServingModels):
     def model_name(self, lora_request: LoRARequest | None = None) -> str:
-        resolved = current_model.get()
+        resolved = _resolved()  # the name the client asked for, never the engine-side name
         return resolved.public_name if resolved else self.base_model_paths[0].name
 
 
@@ -40,8 +33,8 @@ class _ResolvedAdapter:
         return None
 
     def _maybe_get_adapters(self, request, supports_default_mm_loras: bool = False):
-        resolved = current_model.get()
-        return resolved.lora if resolved else None
+        resolved = _resolved()
+        return resolved.lora_request() if resolved else None
 
 
 class TenantServingChat(_ResolvedAdapter, OpenAIServingChat):
@@ -52,10 +45,11 @@ class TenantServingCompletion(_ResolvedAdapter, OpenAIServingCompletion):
     pass
 
 
-def build_serving(engine, base_name: str, base_path: str):
-    """Create vLLM's renderer and serving objects around `engine` (an engine client)."""
+def build_serving(engine, base_name: str):
+    """Create vLLM's renderer and serving objects around `engine` (an engine client). The model
+    path clients see is the served name: no server path reaches a response."""
     models = TenantServingModels(
-        engine_client=engine, base_model_paths=[BaseModelPath(name=base_name, model_path=base_path)]
+        engine_client=engine, base_model_paths=[BaseModelPath(name=base_name, model_path=base_name)]
     )
     renderer = OnlineRenderer(
         model_config=engine.model_config,
