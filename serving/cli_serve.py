@@ -1,10 +1,12 @@
-"""`tenantlora serve` and `tenantlora models prepare`."""
+"""`tenantlora serve`, `tenantlora models prepare` and `tenantlora settings`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
+from serving.cli import LOG_LEVELS
 from serving.settings import Settings
 
 # CLI flag -> settings field, for flags that map one to one.
@@ -26,7 +28,6 @@ _SERVE_FLAGS: dict[str, dict] = {
     "max_adapter_bytes": {"type": int},
     "tenant_max_adapters": {"type": int},
     "tenant_max_bytes": {"type": int},
-    "log_level": {"type": str},
 }
 
 
@@ -71,7 +72,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="Require a tenant API key on the OpenAI routes.",
     )
+    serve.add_argument(
+        "--log-level",
+        dest="log_level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        # Unset here leaves the global `tenantlora --log-level` (or its default) in place.
+        default=argparse.SUPPRESS,
+        help=Settings.model_fields["log_level"].description
+        + " Also vLLM's (VLLM_LOGGING_LEVEL) and uvicorn's.",
+    )
     serve.set_defaults(func=run_serve)
+
+    table = subparsers.add_parser(
+        "settings", help="Print the settings table (environment, flag, default) as Markdown."
+    )
+    table.set_defaults(func=run_settings)
 
     models = subparsers.add_parser("models", help="Base model utilities.")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -119,4 +135,54 @@ def run_prepare(args: argparse.Namespace) -> int:
     else:
         path = resolve_base_model(settings.base_model, settings.models_dir)
     print(path)
+    return 0
+
+
+def serve_flags() -> dict[str, str]:
+    """Settings field -> the `tenantlora serve` flag that sets it, as the README shows it."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001
+    flags: dict[str, str] = {}
+    for action in serve._actions:  # noqa: SLF001
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if action.dest not in Settings.model_fields or not longs:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flags[action.dest] = "--[no-]" + longs[0].removeprefix("--")
+        elif action.metavar:
+            flags[action.dest] = f"{longs[0]} {action.metavar}"
+        else:
+            flags[action.dest] = longs[0]
+    return flags
+
+
+def _default_cell(name: str) -> str:
+    info = Settings.model_fields[name]
+    value = info.get_default(call_default_factory=True)
+    if value is None or value == []:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Path):
+        home = str(Path.home())
+        return f"`{str(value).replace(home, '~', 1)}`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the settings object."""
+    flags = serve_flags()
+    lines = ["| environment | flag | default | meaning |", "|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        flag = f"`{flags[name]}`" if name in flags else "(environment only)"
+        description = (info.description or "").replace("|", "\\|")
+        lines.append(
+            f"| `TENANTLORA_{name.upper()}` | {flag} | {_default_cell(name)} | {description} |"
+        )
+    return "\n".join(lines)
+
+
+def run_settings(args: argparse.Namespace) -> int:
+    print(settings_table())
     return 0

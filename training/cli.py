@@ -1,4 +1,5 @@
-"""`tenantlora train | merge | eval | data` subcommands."""
+"""`tenantlora train | merge | eval | data` subcommands (`train results`: the method x task
+table)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_engine(args: argparse.Namespace) -> int:
+    from training.evaluate import run_spec_file
+
+    run_spec_file(args.spec, args.out)
+    return 0
+
+
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from training.tasks import generate_all
 
@@ -145,11 +153,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return status
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from training.tasks import TASK_NAMES
-
-    p = subparsers.add_parser("train", help="LoRA / QLoRA / full fine-tuning (TRL SFTTrainer)")
-    p.add_argument("method", choices=METHODS)
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `tenantlora train lora|qlora|full`."""
     p.add_argument(
         "--base",
         default=_default_base(),
@@ -186,7 +191,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="full: checkpoint dtype (bfloat16 halves it but erases small updates)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.set_defaults(func=cmd_train)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from training import results as results_mod
+    from training.tasks import TASK_NAMES
+
+    train = subparsers.add_parser(
+        "train", help="LoRA / QLoRA / full fine-tuning (TRL SFTTrainer); the results table"
+    )
+    methods = train.add_subparsers(dest="method", required=True)
+    for method in METHODS:
+        p = methods.add_parser(method, help=f"{method} fine-tuning")
+        _add_train_arguments(p)
+        p.set_defaults(func=cmd_train)
+    results = methods.add_parser(
+        "results",
+        help="the method x task results table (data, training, merge, eval, report)",
+        description=results_mod.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    results_mod.add_arguments(results)
+    results.set_defaults(func=results_mod.run)
 
     p = subparsers.add_parser("merge", help="merge a LoRA adapter into its base (checked)")
     p.add_argument("adapter", help="PEFT adapter folder")
@@ -218,6 +244,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-base", action="store_true", help="do not score the base model itself")
     p.add_argument("--out", help="write the full results JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser(
+        "eval-engine",
+        help="(used by `tenantlora eval`) score one engine's runs: SPEC.json -> OUT.json",
+    )
+    p.add_argument("spec", type=Path)
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=cmd_eval_engine)
 
     p = subparsers.add_parser("data", help="task data: generate, check")
     sub = p.add_subparsers(dest="data_command", required=True)

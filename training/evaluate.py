@@ -2,9 +2,8 @@
 
 One evaluation plan lists models: the base (with LoRA/QLoRA adapters applied per request through
 `LoRARequest`, exactly as the server does) and full checkpoints (full fine-tunes, merged models),
-which each need their own engine. Each engine runs in its own process (`python -m
-training.evaluate SPEC OUT`): vLLM spawns workers, and one process per engine releases its memory
-cleanly. Generation is greedy through `LLM.chat`, i.e. the model's chat template, like the
+which each need their own engine. Each engine runs in its own process (`tenantlora eval-engine
+SPEC OUT`): vLLM spawns workers, and one process per engine releases its memory cleanly. Generation is greedy through `LLM.chat`, i.e. the model's chat template, like the
 server's chat route. Every model is also scored on the fixed general set (the forgetting check).
 """
 
@@ -157,7 +156,7 @@ def run_engine_subprocess(spec: EngineSpec, timeout: float | None = None) -> lis
         # host); on a shared machine letting the OS place them is much faster.
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         subprocess.run(
-            [sys.executable, "-m", "training.evaluate", str(spec_path), str(out_path)],
+            [sys.executable, "-m", "serving.cli", "eval-engine", str(spec_path), str(out_path)],
             check=True,
             timeout=timeout,
             env=env,
@@ -165,7 +164,8 @@ def run_engine_subprocess(spec: EngineSpec, timeout: float | None = None) -> lis
         return [Cell(**c) for c in json.loads(out_path.read_text())]
 
 
-def _main(spec_path: str, out_path: str) -> None:
+def run_spec_file(spec_path: Path, out_path: Path) -> None:
+    """Score the engine spec in ``spec_path`` (JSON) and write its cells to ``out_path``."""
     raw = json.loads(Path(spec_path).read_text())
     raw["runs"] = [Run(**r) for r in raw["runs"]]
     cells = run_engine(EngineSpec(**raw))
@@ -255,8 +255,3 @@ def summarize(cells: list[Cell]) -> dict:
             if base_general is not None:
                 entry["forgetting"] = base_general - c.score
     return out
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    _main(sys.argv[1], sys.argv[2])

@@ -1,7 +1,7 @@
 """The training results table: method x task, from one run on this machine.
 
-    python -m training.results --work /tmp/tl-matrix            # everything, resumable
-    python -m training.results --work /tmp/tl-matrix --stage table   # re-render only
+    tenantlora train results --work /tmp/tl-matrix                 # everything, resumable
+    tenantlora train results --work /tmp/tl-matrix --stage table   # re-render only
 
 Stages: generate data -> train (LoRA and full per task, plus a short QLoRA probe; `--jobs`
 trainings at a time, each a `tenantlora train` process) -> merge the LoRA adapters -> evaluate
@@ -363,8 +363,8 @@ def stage_table(args: argparse.Namespace, work: Path, out_dir: Path) -> None:
     print((out_dir / f"{STEM}.md").read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `tenantlora train results`."""
     p.add_argument("--work", type=Path, required=True, help="scratch folder (data, runs, logs)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--base", default="smollm2-135m-instruct")
@@ -386,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--stage", choices=("all", "train", "merge", "eval", "table"), default="all")
     p.add_argument("--note", dest="notes", action="append", help="line added under the table")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the table's stages (all, or the one `--stage` names)."""
     args.tasks = args.tasks.split(",")
     args.merged_tasks = [t for t in args.merged_tasks.split(",") if t]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     work: Path = args.work
     if args.stage in ("all", "train", "eval"):
@@ -417,7 +419,3 @@ def main(argv: list[str] | None = None) -> int:
             stage_table(args, work, args.out_dir)
     log.info("finished in %.0f s", time.perf_counter() - started)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
