@@ -118,3 +118,20 @@ async def require_admin(request: Request, state: ServerState = Depends(server_st
 
 def is_admin_request(request: Request, state: ServerState) -> bool:
     return state.auth.is_admin_key(bearer_key(request))
+
+
+async def require_writer(
+    caller: Caller = Depends(current_caller), state: ServerState = Depends(server_state)
+) -> Caller:
+    """Writes (uploads, deletions) need a tenant key or the admin key. Without an admin key the
+    server is single-user: only the static `--lora` adapters, no uploads."""
+    if state.settings.admin_key is None:
+        raise APIError(
+            403,
+            "Adapter uploads are off: this server has no admin key, so it serves only the "
+            "adapters given at start-up (--lora). Set TENANTLORA_ADMIN_KEY to create tenants.",
+            "uploads_disabled",
+        )
+    if caller.anonymous:
+        raise APIError(403, "Changing adapters needs a tenant API key.", "tenant_key_required")
+    return caller

@@ -39,7 +39,7 @@ def test_dashboard_metrics_are_exported_by_a_live_server(live_server):
     )
     assert missing.status_code == 404
 
-    page = httpx.get(f"{live_server.url}/metrics", timeout=60)
+    page = live_server.admin("GET", "/metrics")
     assert page.status_code == 200
     exported = exported_series(page.text)
     needed = dashboard_metrics(dashboard())

@@ -164,6 +164,10 @@ def test_prometheus_scrapes_the_server_and_grafana_is_provisioned():
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "tenantlora")
     assert job["metrics_path"] == "/metrics"
+    # /metrics is closed: Prometheus sends the metrics key from the compose secret.
+    assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
+    assert "metrics_key" in doc["services"]["prometheus"]["secrets"]
+    assert doc["secrets"]["metrics_key"]["environment"] == "TENANTLORA_METRICS_KEY"
     host, port = job["static_configs"][0]["targets"][0].split(":")
     assert host in doc["services"] and port == "8000"
     mounts = dict(m.split(":")[:2] for m in doc["services"]["prometheus"]["volumes"])
@@ -268,6 +272,24 @@ SERVICE_MONITOR_SCHEMA = {
                                 "pattern": "^([0-9]+(ms|s|m|h))+$",
                             },
                             "honorLabels": {"type": "boolean"},
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["credentials"],
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["key"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "key": {"type": "string"},
+                                            "optional": {"type": "boolean"},
+                                        },
+                                    },
+                                },
+                            },
                         },
                     },
                 },

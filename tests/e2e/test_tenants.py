@@ -275,7 +275,7 @@ def test_delete_while_in_flight(live_server, tenants, adapter_dirs):
 
 
 def _samples(server) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    text = server.admin("GET", "/metrics").text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
