@@ -15,7 +15,8 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from adapters.errors import AdapterTooLarge, NotFound
 from adapters.names import NAME_PATTERN
 from adapters.registry import AdapterVersion, Tenant
-from serving.auth import current_tenant, is_admin_request, require_admin
+from serving import metrics
+from serving.auth import current_tenant, is_admin_request, require_admin, require_writer
 from serving.errors import APIError
 from serving.state import ServerState, server_state
 
@@ -90,7 +91,7 @@ async def _spool(upload: StarletteUpload, limit: int) -> Path:
     return path
 
 
-@router.post("/v1/adapters", status_code=201)
+@router.post("/v1/adapters", status_code=201, dependencies=[Depends(require_writer)])
 async def upload_adapter(
     request: Request,
     tenant: Tenant = Depends(current_tenant),
@@ -189,7 +190,7 @@ async def get_adapter(
     return {**adapter.public_dict(), "versions": versions}
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete("/v1/adapters/{name}", dependencies=[Depends(require_writer)])
 async def delete_adapter(
     name: str,
     request: Request,
@@ -217,6 +218,7 @@ async def _retire(state: ServerState, version: AdapterVersion) -> None:
     """Drop a deleted adapter from the engine once its in-flight requests are done."""
     try:
         await state.lifecycle.retire(version.id)
+        metrics.forget_adapter(version.tenant_name, version.pinned_name, version.engine_name)
         await run_in_threadpool(state.adapters.purge_files, [version])
     except Exception:  # noqa: BLE001 - background clean-up; logged, never raised to a client
         log.exception("retiring adapter %s failed", version.engine_name)
