@@ -69,6 +69,7 @@ def stored_bytes(registry_url: str, tmp_path) -> bytes:
     with psycopg.connect(registry_url) as conn:
         rows = [
             *conn.execute("SELECT * FROM tenants").fetchall(),
+            *conn.execute("SELECT * FROM api_keys").fetchall(),
             *conn.execute("SELECT * FROM adapter_versions").fetchall(),
         ]
     return repr(rows).encode()
