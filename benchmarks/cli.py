@@ -1,35 +1,32 @@
-"""`tenantlora bench ...` subcommands: `load` (the load generator against any OpenAI-compatible
-endpoint) and `run` (every scenario side by side, then the report)."""
+"""`tenantlora bench ...` subcommands: `run` (every serving scenario side by side, then the
+report), `load` (the load generator against any OpenAI-compatible endpoint), `report` (rewrite a
+results file's report), `cpu-lora` (the CPU LoRA-ops benchmark), `peft-server` (the transformers +
+PEFT peer the benchmark starts)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
+import os
+from collections.abc import Callable
 from pathlib import Path
-
-from benchmarks import load as load_mod
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _resolve_base_model(spec: str, models_dir: str | None) -> str:
+def run_command(args: argparse.Namespace) -> int:
+    """Run the whole benchmark and write the report."""
+    from benchmarks.benchmark import plugin_installed, run_benchmark
+    from benchmarks.config import BenchConfig
+    from benchmarks.report import write_report
     from serving.base_model import resolve_base_model
     from serving.settings import Settings
 
-    root = Path(models_dir) if models_dir else Settings().models_dir
-    return str(resolve_base_model(spec, root))
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run the whole benchmark and write the report."""
-    from benchmarks.report import write_report
-    from benchmarks.scenarios import Bench, BenchConfig, plugin_installed
-
-    base = _resolve_base_model(args.base_model, args.models_dir)
+    models_dir = Path(args.models_dir) if args.models_dir else Settings().models_dir
+    base = str(resolve_base_model(args.base_model, models_dir))
     work_dir = Path(args.work_dir).expanduser().resolve()
     out_dir = Path(args.out_dir).expanduser().resolve()
     overrides: dict[str, object] = {}
@@ -45,7 +42,8 @@ def run_command(args: argparse.Namespace) -> int:
         "rate_requests",
         "duration",
         "time_budget",
-        "only",
+        "enforce_eager",
+        "name",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -60,10 +58,6 @@ def run_command(args: argparse.Namespace) -> int:
             if args.lora_ops == "both" and plugin_installed()
             else [args.lora_ops == "on"]
         )
-    if args.enforce_eager is not None:
-        overrides["enforce_eager"] = args.enforce_eager
-    if args.name:
-        overrides["name"] = args.name
     common = dict(base_model=base, work_dir=work_dir, out_dir=out_dir, server=args.server)
     cfg = (
         BenchConfig.quick_preset(**common, **overrides)
@@ -71,12 +65,11 @@ def run_command(args: argparse.Namespace) -> int:
         else BenchConfig(**common, **overrides)
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    results = Bench(cfg).run()
-    paths = write_report(results, out_dir)
-    for kind, path in paths.items():
+    results = run_benchmark(cfg)
+    for kind, path in write_report(results, out_dir).items():
         print(f"{kind}: {path}")
-    print(json.dumps(results["analysis"]["goals"], indent=1))
-    return 1 if results["errors"] else 0
+    print(json.dumps({k: g.value for k, g in results.analysis.goals.items()}, indent=1))
+    return 1 if results.errors else 0
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,9 +100,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time-budget", type=float, help="Seconds; skip later LoRA-ops variants past it"
     )
-    parser.add_argument(
-        "--only", choices=["monolithic"], help="Run just this scenario (merge it with --merge-from)"
-    )
     parser.add_argument("--rate-requests", type=int, help="Requests per Poisson-rate run")
     parser.add_argument("--duration", type=float, help="Bound of each load run (s)")
     parser.add_argument("--max-tokens", type=int)
@@ -132,34 +122,68 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_peft_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the PEFT peer (here, so `tenantlora --help` needs no torch import)."""
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--served-model-name", default="base")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+
+
+def peft_server_command(args: argparse.Namespace) -> int:
+    from benchmarks.peft_server import serve
+
+    return serve(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `bench load` and `bench run` to the `tenantlora` command line."""
-    bench = subparsers.add_parser("bench", help="Load generator and serving benchmark")
+    """Add `bench run|load|report|cpu-lora|peft-server` to the `tenantlora` command line."""
+    from benchmarks import cpu_lora_bench, load, report
+
+    bench = subparsers.add_parser("bench", help="Load generator and serving benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True)
-    p_load = sub.add_parser(
-        "load",
-        help="Drive an OpenAI-compatible endpoint with bounded load",
-        description=load_mod.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    load_mod.add_arguments(p_load)
-    p_load.set_defaults(func=load_mod.cli)
-    p_run = sub.add_parser(
-        "run", help="Run every scenario side by side and write the report", description=__doc__
-    )
-    add_run_arguments(p_run)
-    p_run.set_defaults(func=run_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    # name -> (help, module docstring, add_arguments, command)
+    commands: dict[str, tuple[str, str | None, Callable, Callable]] = {
+        "run": (
+            "Run every serving scenario side by side and write the report",
+            __doc__,
+            add_run_arguments,
+            run_command,
+        ),
+        "load": (
+            "Drive an OpenAI-compatible endpoint with bounded load",
+            load.__doc__,
+            load.add_arguments,
+            load.cli,
+        ),
+        "report": (
+            "Rewrite a results file's Markdown and plots (with --note)",
+            report.__doc__,
+            report.add_arguments,
+            report.cli,
+        ),
+        "cpu-lora": (
+            "Benchmark the CPU LoRA-ops plugin (base / off / on engines)",
+            cpu_lora_bench.__doc__,
+            cpu_lora_bench.add_arguments,
+            cpu_lora_bench.cli,
+        ),
+        "peft-server": (
+            "The transformers + PEFT peer server (started by `bench run`)",
+            "The transformers + PEFT peer (benchmarks/peft_server.py).",
+            add_peft_server_arguments,
+            peft_server_command,
+        ),
+    }
+    for name, (help_text, description, add_arguments, command) in commands.items():
+        parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_arguments(parser)
+        parser.set_defaults(func=command)

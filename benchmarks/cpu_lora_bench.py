@@ -5,13 +5,14 @@ The three engines live in three child processes that are started once and then a
 interleaved and repeated, to run the same workload; so the ratios compare runs taken side by side
 on a shared, noisy 2-core machine.
 
-    python -m benchmarks.cpu_lora_bench                 # writes benchmarks/results/cpu_lora.*
-    python -m benchmarks.cpu_lora_bench profile --ops 0  # py-spy/torch profile of a mixed decode step
+    tenantlora bench cpu-lora run                # writes benchmarks/results/cpu_lora.*
+    tenantlora bench cpu-lora profile --ops 0    # py-spy profile of a mixed-adapter generate call
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -20,13 +21,19 @@ import time
 from pathlib import Path
 
 from adapters.targets import LORA_TARGET_MODULES
-from serving.hardware import resolve_dtype
 
 BASE_MODEL = os.environ.get("TENANTLORA_BENCH_MODEL")
 WORK_DIR = Path(os.environ.get("TENANTLORA_BENCH_WORK", "/tmp/tenantlora-bench/cpu_lora"))
 RESULTS = Path(__file__).resolve().parent / "results"
-# What `tenantlora serve` picks on this machine (float32 on CPUs without native bf16).
-DTYPE = os.environ.get("TENANTLORA_BENCH_DTYPE") or resolve_dtype("auto", gpu=False)
+
+
+@functools.cache
+def engine_dtype() -> str:
+    """TENANTLORA_BENCH_DTYPE, else what `tenantlora serve` picks on this machine (float32 on
+    CPUs without native bf16)."""
+    from serving.hardware import resolve_dtype
+
+    return os.environ.get("TENANTLORA_BENCH_DTYPE") or resolve_dtype("auto", gpu=False)
 
 
 def make_adapters(count: int, rank: int = 16) -> list[Path]:
@@ -99,7 +106,7 @@ def build_llm(lora: bool, max_loras: int = 32, max_model_len: int = 1024):
     # like; compiled, it was no faster (FACTS.md: 515 tok/s vs 526 LoRA-enabled, eager).
     settings = Settings(
         max_model_len=max_model_len,
-        dtype=DTYPE,
+        dtype=engine_dtype(),
         memory_share=0.3,
         enforce_eager=True,
         max_loras=max_loras,
@@ -319,7 +326,7 @@ class Engine:
         self.kind = kind
         self.log = open(log_dir / f"cpu_lora_engine_{kind}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.cpu_lora_bench", "serve-engine", kind],
+            [sys.executable, "-m", "serving.cli", "bench", "cpu-lora", "serve-engine", kind],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )  # fmt: skip
         self._read("READY")
@@ -388,7 +395,7 @@ def summarize(rows: list[dict], tokens: int, repeats: int) -> dict:
             }
         )
     config = {"prompts": 32, "tokens": tokens, "repeats": repeats, "max_loras": 32, "rank": 16,
-              "modules": list(LORA_TARGET_MODULES), "dtype": DTYPE, "enforce_eager": True}  # fmt: skip
+              "modules": list(LORA_TARGET_MODULES), "dtype": engine_dtype(), "enforce_eager": True}  # fmt: skip
     return {"config": config, "rounds": rows, "summary": summary}
 
 
@@ -431,15 +438,15 @@ def write_report(result: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "cpu_lora.png", dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd")
-    p = sub.add_parser("profile")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The subcommands and flags of `tenantlora bench cpu-lora`."""
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("profile", help="py-spy profile of one mixed-adapter generate call")
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--ops", choices=["0", "1"], default="1", help="plugin off (0) or on (1)")
     p.add_argument("--out", type=Path, default=None, help="write the summary (JSON) here")
-    e = sub.add_parser("serve-engine")
+    e = sub.add_parser("serve-engine", help="(used by run) one engine answering on stdin")
     e.add_argument("kind", choices=KINDS)
     o = sub.add_parser("ops", help="op-level timing of one decode step (no engine)")
     o.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
@@ -447,15 +454,18 @@ def main() -> None:
     f = sub.add_parser("report-from-log", help="rebuild the report from a run's printed rounds")
     f.add_argument("log", type=Path)
     f.add_argument("--tokens", type=int, default=64)
-    r = sub.add_parser("profile-report")
+    r = sub.add_parser("profile-report", help="cpu_lora_profile.md from two profiles")
     r.add_argument("before", type=Path)
     r.add_argument("after", type=Path)
-    b = sub.add_parser("run")
+    b = sub.add_parser("run", help="base / plugin off / plugin on, interleaved rounds")
     b.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = ap.parse_args()
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Run the `tenantlora bench cpu-lora` subcommand ``args.cmd``."""
     if args.cmd == "ops":
         import torch
 
@@ -474,8 +484,7 @@ def main() -> None:
         write_profile_md(before, after, RESULTS / "cpu_lora_profile.md")
     elif args.cmd == "serve-engine":
         serve_engine(args.kind)
-    elif args.cmd in (None, "run"):
-        args = args if args.cmd else b.parse_args([])
+    elif args.cmd == "run":
         result = bench(args.adapters, args.repeats, args.tokens, args.out_dir)
         write_report(result, args.out_dir)
         print((args.out_dir / "cpu_lora.md").read_text())
@@ -488,7 +497,4 @@ def main() -> None:
         print(text)
         if args.out:
             args.out.write_text(text)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -9,7 +9,7 @@ output lengths come from the given distributions. Requests stream, so each one r
 first token, time per output token and end-to-end latency. Only the endpoints given are contacted
 (no redirects, no proxies from the environment).
 
-    python -m benchmarks.load --base-url http://127.0.0.1:8000/v1 --models a,b,c \\
+    tenantlora bench load --base-url http://127.0.0.1:8000/v1 --models a,b,c \\
         --zipf 1.1 --rate 4 --requests 200 --duration 120 --prompt-len uniform:32:128 --max-tokens 64
 """
 
@@ -20,10 +20,10 @@ import asyncio
 import json
 import logging
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -31,130 +31,10 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-# Common English words; most are one token for Llama-family tokenizers, so a prompt of n words is
-# close to n tokens. The exact count comes back from the server in `usage.prompt_tokens`.
-_WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "it",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "or",
-    "has",
-    "had",
-    "first",
-    "one",
-    "their",
-    "its",
-    "new",
-    "after",
-    "who",
-    "they",
-    "have",
-    "her",
-    "she",
-    "two",
-    "been",
-    "other",
-    "when",
-    "there",
-    "all",
-    "during",
-    "into",
-    "school",
-    "time",
-    "may",
-    "years",
-    "more",
-    "most",
-    "only",
-    "over",
-    "city",
-    "some",
-    "world",
-    "would",
-    "where",
-    "later",
-    "up",
-    "such",
-    "used",
-    "many",
-    "can",
-    "state",
-    "about",
-    "national",
-    "out",
-    "known",
-    "university",
-    "united",
-    "then",
-    "made",
-    "team",
-    "film",
-    "american",
-    "under",
-    "three",
-    "while",
-    "year",
-    "also",
-    "war",
-    "people",
-    "water",
-    "number",
-    "part",
-    "between",
-    "house",
-    "both",
-    "game",
-    "group",
-    "second",
-    "before",
-    "being",
-    "through",
-    "long",
-    "well",
-    "since",
-    "high",
-    "these",
-    "back",
-    "series",
-    "north",
-    "south",
-    "early",
-    "around",
-    "any",
-    "music",
-    "played",
-    "several",
-    "same",
-    "life",
-    "member",
-    "against",
-    "name",
-    "area",
-    "them",
-    "each",
-    "three",
-    "local",
-]
+# Common English words (benchmarks/data/words.txt); most are one token for Llama-family
+# tokenizers, so a prompt of n words is close to n tokens. The exact count comes back from the
+# server in `usage.prompt_tokens`.
+_WORDS: tuple[str, ...] = tuple((files("benchmarks") / "data" / "words.txt").read_text().split())
 
 
 @dataclass(frozen=True)
@@ -267,6 +147,48 @@ class RequestRecord:
     output_tokens: int = 0
     error: str | None = None
     error_detail: str | None = None
+
+
+@dataclass
+class ModelUsage:
+    """One target's share of a run."""
+
+    tenant: str
+    requests: int = 0
+    ok: int = 0
+    output_tokens: int = 0
+    e2e_ms_mean: float | None = None
+
+
+@dataclass
+class LoadSummary:
+    """Aggregates of one run. Latencies are ``percentiles`` maps (mean, p50, p95, p99) in ms."""
+
+    requests_sent: int
+    requests_not_started: int
+    completed: int
+    failed: int
+    errors: dict[str, int]
+    duration_s: float
+    wall_s: float
+    request_throughput: float
+    output_throughput: float
+    total_output_tokens: int
+    total_prompt_tokens: int
+    ttft_ms: dict[str, float | None]
+    tpot_ms: dict[str, float | None]
+    e2e_ms: dict[str, float | None]
+    models_used: int
+    by_model: dict[str, ModelUsage]
+
+
+@dataclass
+class LoadResult:
+    """One run: its configuration (as ``LoadConfig.describe`` gives it), summary and requests."""
+
+    config: dict[str, Any]
+    summary: LoadSummary
+    requests: list[RequestRecord]
 
 
 def zipf_weights(n: int, exponent: float) -> list[float]:
@@ -411,8 +333,8 @@ async def _send(
 
 async def run_load(
     cfg: LoadConfig, progress: bool = True, schedule: list[_Planned] | None = None
-) -> dict[str, Any]:
-    """Run one bounded load and return ``{"config", "summary", "requests"}``.
+) -> LoadResult:
+    """Run one bounded load.
 
     ``schedule`` overrides the seeded plan (e.g. to visit every target exactly once)."""
     schedule = plan(cfg) if schedule is None else schedule
@@ -484,11 +406,7 @@ async def run_load(
         else:
             records.append(task.result())
     wall = time.perf_counter() - t0
-    return {
-        "config": cfg.describe(),
-        "summary": summarize(records, wall, not_started),
-        "requests": [asdict(r) for r in records],
-    }
+    return LoadResult(cfg.describe(), summarize(records, wall, not_started), records)
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
@@ -511,7 +429,7 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float |
     }
 
 
-def summarize(records: list[RequestRecord], wall: float, not_started: int = 0) -> dict[str, Any]:
+def summarize(records: list[RequestRecord], wall: float, not_started: int = 0) -> LoadSummary:
     """Aggregate records: throughput over the run's busy span, latency percentiles, errors."""
     ok = [r for r in records if r.error is None]
     if records:
@@ -521,55 +439,52 @@ def summarize(records: list[RequestRecord], wall: float, not_started: int = 0) -
     else:
         span = wall
     out_tokens = sum(r.output_tokens for r in ok)
-    by_model: dict[str, dict[str, Any]] = {}
+    by_model: dict[str, ModelUsage] = {}
+    e2e: dict[str, list[float]] = {}
     for r in records:
-        entry = by_model.setdefault(
-            r.model, {"tenant": r.tenant, "requests": 0, "ok": 0, "output_tokens": 0, "e2e": []}
-        )
-        entry["requests"] += 1
+        usage = by_model.setdefault(r.model, ModelUsage(r.tenant))
+        usage.requests += 1
         if r.error is None:
-            entry["ok"] += 1
-            entry["output_tokens"] += r.output_tokens
-            entry["e2e"].append(r.e2e)
-    for entry in by_model.values():
-        e2e = entry.pop("e2e")
-        entry["e2e_ms_mean"] = 1000 * sum(e2e) / len(e2e) if e2e else None
-    return {
-        "requests_sent": len(records),
-        "requests_not_started": not_started,
-        "completed": len(ok),
-        "failed": len(records) - len(ok),
-        "errors": dict(Counter(r.error for r in records if r.error)),
-        "duration_s": span,
-        "wall_s": wall,
-        "request_throughput": len(ok) / span,
-        "output_throughput": out_tokens / span,
-        "total_output_tokens": out_tokens,
-        "total_prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
-        "ttft_ms": percentiles([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_ms": percentiles([r.tpot for r in ok if r.tpot is not None]),
-        "e2e_ms": percentiles([r.e2e for r in ok if r.e2e is not None]),
-        "models_used": len(by_model),
-        "by_model": by_model,
-    }
+            usage.ok += 1
+            usage.output_tokens += r.output_tokens
+            e2e.setdefault(r.model, []).append(r.e2e or 0.0)
+    for model, times in e2e.items():
+        by_model[model].e2e_ms_mean = 1000 * sum(times) / len(times)
+    return LoadSummary(
+        requests_sent=len(records),
+        requests_not_started=not_started,
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        errors=dict(Counter(r.error for r in records if r.error)),
+        duration_s=span,
+        wall_s=wall,
+        request_throughput=len(ok) / span,
+        output_throughput=out_tokens / span,
+        total_output_tokens=out_tokens,
+        total_prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
+        ttft_ms=percentiles([r.ttft for r in ok if r.ttft is not None]),
+        tpot_ms=percentiles([r.tpot for r in ok if r.tpot is not None]),
+        e2e_ms=percentiles([r.e2e for r in ok if r.e2e is not None]),
+        models_used=len(by_model),
+        by_model=by_model,
+    )
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(s: LoadSummary) -> str:
     """A short human-readable table of one run."""
 
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     lines = [
-        f"completed {summary['completed']}/{summary['requests_sent']} "
-        f"(not started {summary['requests_not_started']}) in {summary['duration_s']:.1f}s; "
-        f"errors {summary['errors'] or 'none'}",
-        f"throughput {summary['request_throughput']:.2f} req/s, "
-        f"{summary['output_throughput']:.1f} output tok/s over {summary['models_used']} models",
+        f"completed {s.completed}/{s.requests_sent} (not started {s.requests_not_started}) "
+        f"in {s.duration_s:.1f}s; errors {s.errors or 'none'}",
+        f"throughput {s.request_throughput:.2f} req/s, "
+        f"{s.output_throughput:.1f} output tok/s over {s.models_used} models",
         f"{'ms':<6}{'mean':>10}{'p50':>10}{'p95':>10}{'p99':>10}",
     ]
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
-        p = summary[key]
+        p = getattr(s, key)
         lines.append(
             f"{key[:-3]:<6}{f(p['mean']):>10}{f(p['p50']):>10}{f(p['p95']):>10}{f(p['p99']):>10}"
         )
@@ -614,7 +529,7 @@ def targets_from_args(args: argparse.Namespace) -> list[Target]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The load generator's flags (shared by `python -m benchmarks.load` and `tenantlora bench load`)."""
+    """The flags of `tenantlora bench load`."""
     parser.add_argument(
         "--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
     )
@@ -666,24 +581,9 @@ def cli(args: argparse.Namespace) -> int:
     """Run one load from parsed arguments; print the summary, optionally write JSON."""
     cfg = config_from_args(args)
     result = asyncio.run(run_load(cfg))
-    print(format_summary(result["summary"]))
+    print(format_summary(result.summary))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(asdict(result), indent=1))
         print(f"wrote {args.out}")
-    return 0 if result["summary"]["completed"] else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.load",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 0 if result.summary.completed else 1

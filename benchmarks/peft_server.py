@@ -3,7 +3,7 @@ FastAPI app. All adapters are loaded into one ``PeftModel``; each request takes 
 calls ``set_adapter`` (or disables adapters for the base model) and decodes token by token with a
 KV cache. One request at a time, so no batching at all, let alone across adapters.
 
-    python -m benchmarks.peft_server --base-model DIR --lora a=PATH --lora b=PATH --port 8200
+    tenantlora bench peft-server --base-model DIR --lora a=PATH --lora b=PATH --port 8200
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import threading
 import time
 import uuid
@@ -226,21 +225,10 @@ def build_app(engine: PeftEngine) -> FastAPI:
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peft_server", description=__doc__)
-    parser.add_argument("--base-model", required=True)
-    parser.add_argument("--served-model-name", default="base")
-    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8200)
-    args = parser.parse_args(argv)
+def serve(args: argparse.Namespace) -> int:
+    """Run the peer with the flags of `tenantlora bench peft-server` (benchmarks/cli.py)."""
     torch.set_num_threads(args.threads)
     loras = dict(item.split("=", 1) for item in args.lora)
     engine = PeftEngine(args.base_model, loras, args.dtype, args.served_model_name)
     uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

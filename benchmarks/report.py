@@ -1,21 +1,29 @@
 """Write a benchmark's results as JSON, Markdown and PNG plots (matplotlib, Agg backend).
 
-`python -m benchmarks.report RESULTS.json [--note TEXT ...]` rewrites the Markdown and plots from
-a results file (re-running the analysis), adding reviewer notes to it."""
+`tenantlora bench report RESULTS.json [--note TEXT ...]` rewrites the Markdown and plots from a
+results file, adding reviewer notes to it."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from benchmarks.records import BenchResults
 
 MB = 1024 * 1024
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (imported on first use: the CLI starts faster)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _f(v: float | None, nd: int = 1) -> str:
@@ -27,6 +35,7 @@ def _mb(v: float | None) -> str:
 
 
 def plot_latency_vs_load(results: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for scenario, color in (("base-rate", "tab:blue"), ("shared-rate", "tab:orange")):
         runs = sorted(
@@ -59,6 +68,7 @@ def plot_latency_vs_load(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_throughput_vs_adapters(results: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     by = results["analysis"].get("throughput_by_adapters", {})
     for server, points in by.items():
@@ -94,6 +104,7 @@ def plot_throughput_vs_adapters(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_memory(results: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     names, rss, uss = [], [], []
@@ -151,6 +162,7 @@ def plot_memory(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_hot_swap(results: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
     hs = results["hot_swap"]
     labels, vals = [], []
     for key, label in (
@@ -209,9 +221,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         ]
         lines += ["**Errors** (full text in the JSON): " + "; ".join(short), ""]
     lines += [
-        "## Goals (ratios from this one run)"
-        if not results["hot_swap"].get("merged_from")
-        else "## Goals (ratios from this run; scenario 3 from a second invocation, see the notes)",
+        "## Goals (ratios from this one run)",
         "",
         "| goal | measured | target | met |",
         "|---|---|---|---|",
@@ -337,8 +347,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``<name>.json``, ``<name>.md`` and ``<name>_*.png`` into ``out_dir``."""
+def write_report(results: BenchResults | dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>_*.png`` into ``out_dir`` (from the typed
+    results of a run, or from their JSON form as a results file holds them)."""
+    if isinstance(results, BenchResults):
+        results = asdict(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = results["name"]
@@ -357,49 +370,17 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return {"json": json_path, "markdown": md_path, **plots}
 
 
-def merge_monolithic(results: dict[str, Any], other: dict[str, Any]) -> None:
-    """Take scenario 3 (merged engines) from another invocation, and say so in the notes."""
-    results["memory"]["monolithic"] = other["memory"]["monolithic"]
-    results["hot_swap"]["merged_cold_start_s"] = other["hot_swap"]["merged_cold_start_s"]
-    results["hot_swap"]["merged_from"] = other["started_utc"]
-    for name, engine in other["engines"].items():
-        if engine["role"] == "monolithic":
-            results["engines"][name] = {**engine, "from_invocation": other["started_utc"]}
-    for load in other["loads"]:
-        if load["scenario"] == "monolithic":
-            results["loads"].append({**load, "label": load["label"] + " (2nd invocation)"})
-    results["errors"] = [e for e in results["errors"] if "merged-" not in e]
-    results["notes"].append(
-        f"Scenario 3 (merged engines) comes from a second invocation started "
-        f"{other['started_utc']} (`--only monolithic`, same engine settings), because the merged "
-        "engine of the main invocation failed to start on the overloaded machine. Its memory is "
-        "comparable; its cold start and throughput were measured under different machine load."
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.scenarios import BenchConfig, analyse
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `tenantlora bench report`."""
     parser.add_argument("results", help="A results JSON written by `tenantlora bench run`")
     parser.add_argument("--note", action="append", default=[], help="Add a note (repeatable)")
-    parser.add_argument(
-        "--merge-from",
-        help="Results of a `--only monolithic` invocation: take its monolithic scenario (labelled)",
-    )
-    args = parser.parse_args(argv)
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Rewrite a results file's report, with the notes added."""
     path = Path(args.results)
     results = json.loads(path.read_text())
     results["notes"] = [*results.get("notes", []), *args.note]
-    if args.merge_from:
-        merge_monolithic(results, json.loads(Path(args.merge_from).read_text()))
-    known = set(BenchConfig.__dataclass_fields__)
-    cfg = BenchConfig(**{k: v for k, v in results["config"].items() if k in known})
-    results["analysis"] = analyse(results, cfg)
     for kind, out in write_report(results, path.parent).items():
         print(f"{kind}: {out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,10 +18,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
+
+from benchmarks.records import Memory
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_memory(pid: int) -> dict[str, Any]:
+def tree_memory(pid: int) -> Memory:
     """RSS and USS (bytes) summed over ``pid`` and all its descendants."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return {"rss": 0, "uss": 0, "processes": 0}
+        return Memory(0, 0, 0)
     rss = uss = n = 0
     for p in procs:
         try:
@@ -48,7 +49,7 @@ def tree_memory(pid: int) -> dict[str, Any]:
         rss += info.rss
         uss += getattr(info, "uss", info.rss)
         n += 1
-    return {"rss": rss, "uss": uss, "processes": n}
+    return Memory(rss, uss, n)
 
 
 def gpu_memory() -> int | None:
@@ -152,7 +153,7 @@ class Server:
         self.stop()
         raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.tail()}")
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self) -> Memory:
         assert self.proc is not None
         return tree_memory(self.proc.pid)
 
@@ -239,9 +240,9 @@ def vllm_server(
 def peft_server(
     name: str, base_model: str, loras: dict[str, Path], log_dir: Path, threads: int
 ) -> Server:
-    """The transformers + PEFT peer (benchmarks.peft_server)."""
+    """The transformers + PEFT peer (`tenantlora bench peft-server`, benchmarks.peft_server)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.peft_server", "--base-model", base_model]
+    cmd = [sys.executable, "-m", "serving.cli", "bench", "peft-server", "--base-model", base_model]
     cmd += ["--port", str(port), "--threads", str(threads), "--served-model-name", "base"]
     cmd += ["--dtype", bench_dtype()]
     for lname, path in loras.items():

@@ -1,0 +1,119 @@
+"""The benchmark's analysis and report from typed results, without servers: headline goals
+under `analysis.goals`, JSON that round-trips, Markdown and four PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.analysis import analyse
+from benchmarks.config import BenchConfig
+from benchmarks.load import RequestRecord, summarize
+from benchmarks.records import (
+    BenchResults,
+    FirstRequest,
+    HotSwap,
+    HotSwapTrial,
+    LoadRun,
+    MachineInfo,
+    Memory,
+    MemoryResults,
+    MonolithicMemory,
+    PerTenant,
+    SharedMemory,
+)
+from benchmarks.report import write_report
+
+MB = 2**20
+
+
+def _run(scenario: str, server: str, adapters: int, tokens: int, group: str | None = None):
+    records = [
+        RequestRecord(i, f"m{i}", f"t{i}", "http://x/v1", i * 0.1, 8, 16, 0.05, 1.0, 0.06, 8, tokens)
+        for i in range(4)
+    ]
+    return LoadRun(
+        label=f"{server} {scenario}",
+        scenario=scenario,
+        server=server,
+        adapters=adapters,
+        group=group,
+        mode="rate" if scenario.endswith("rate") else "concurrency",
+        rate=1.0 if scenario.endswith("rate") else None,
+        concurrency=4,
+        loadavg=[1.0, 1.0, 1.0],
+        phases_ms={"queue": 1.0, "prefill": 2.0, "decode": 3.0},
+        config={},
+        summary=summarize(records, wall=2.0),
+        requests=[],
+    )
+
+
+def _results(tmp_path: Path) -> BenchResults:
+    cfg = BenchConfig.quick_preset(base_model="/m", work_dir=tmp_path, out_dir=tmp_path)
+    machine = MachineInfo("cpu", 2, 8 * 1024 * MB, None, "linux", "3.11", {}, "abc", [1.0] * 3)
+    first = FirstRequest(0.5, 1.0)
+    return BenchResults(
+        name="unit",
+        started_utc="2026-01-01T00:00:00+00:00",
+        machine=machine,
+        config=cfg,
+        loads=[
+            _run("base", "base-ref", 0, 16, "tl:4"),
+            _run("shared", "tl", 4, 12, "tl:4"),
+            _run("base-rate", "base-ref", 0, 16),
+            _run("shared-rate", "tl", 4, 12),
+            _run("peft", "peft-peer", 4, 1),
+            _run("shared-vs-peft", "tl", 4, 12, "peft"),
+            _run("monolithic", "multiple", 1, 16),
+        ],
+        hot_swap=HotSwap(
+            server="tl",
+            trials=[HotSwapTrial("lora000", FirstRequest(0.2, 0.4), first)],
+            cold_ttft_s_median=0.2,
+            warm_ttft_s_median=0.5,
+            cold_e2e_s_median=0.4,
+            warm_e2e_s_median=1.0,
+            merged_cold_start_s=[40.0],
+        ),
+        memory=MemoryResults(
+            reference=Memory(900 * MB, 800 * MB, 3),
+            shared=SharedMemory(
+                "tl", Memory(1000 * MB, 900 * MB, 3), Memory(1040 * MB, 940 * MB, 3), 4,
+                PerTenant(10 * MB, 10 * MB),
+            ),  # fmt: skip
+            monolithic=MonolithicMemory(1, [Memory(900 * MB, 800 * MB, 3)], 4096 * MB),
+        ),
+    )
+
+
+def test_analysis_goals_and_report_files(tmp_path: Path) -> None:
+    results = _results(tmp_path)
+    results.analysis = analyse(results)
+    goals = results.analysis.goals
+    assert set(goals) == {
+        "throughput_32_adapters_vs_base",
+        "memory_per_tenant_vs_merged",
+        "throughput_vs_peft_peer",
+        "cold_adapter_vs_merged_cold_start",
+    }
+    assert goals["throughput_32_adapters_vs_base"].value == 0.75  # 12 / 16 tokens, paired
+    assert goals["throughput_32_adapters_vs_base"].met is True
+    assert goals["throughput_vs_peft_peer"].value == 12.0
+    assert goals["memory_per_tenant_vs_merged"].value == 10 / 800
+    assert goals["cold_adapter_vs_merged_cold_start"].value == 0.2 / 40.0
+    assert results.analysis.monolithic_engines_that_fit == 5
+
+    paths = write_report(results, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    for goal in data["analysis"]["goals"].values():
+        assert isinstance(goal["value"], float) and isinstance(goal["met"], bool) and goal["goal"]
+    assert data["memory"]["shared"]["per_adapter_bytes"]["uss"] == 10 * MB
+    md = paths["markdown"].read_text()
+    assert "throughput, shared base with 4 adapters / base alone | 0.75 | >= 0.7 | yes" in md
+    for plot in ("latency_vs_load", "throughput_vs_adapters", "memory", "hot_swap"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The results file alone re-renders the same report (what `tenantlora bench report` does).
+    again = write_report(data, tmp_path / "again")
+    assert again["markdown"].read_text() == md
