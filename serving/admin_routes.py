@@ -9,57 +9,17 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from adapters.errors import AdapterTooLarge, NotFound
-from adapters.names import NAME_PATTERN
 from adapters.registry import AdapterVersion, Tenant
 from serving import metrics
-from serving.auth import current_tenant, is_admin_request, require_admin, require_writer
+from serving.auth import current_tenant, is_admin_request, require_writer
 from serving.errors import APIError
 from serving.state import ServerState, server_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-
-class TenantCreate(BaseModel):
-    name: str = Field(pattern=NAME_PATTERN)
-    max_adapters: int | None = Field(None, ge=1)
-    max_bytes: int | None = Field(None, ge=1)
-
-
-def _tenant_dict(tenant: Tenant) -> dict:
-    return {
-        "id": tenant.id,
-        "object": "tenant",
-        "name": tenant.name,
-        "max_adapters": tenant.max_adapters,
-        "max_bytes": tenant.max_bytes,
-        "created": int(tenant.created_at),
-    }
-
-
-@router.post("/v1/tenants", dependencies=[Depends(require_admin)], status_code=201)
-async def create_tenant(body: TenantCreate, state: ServerState = Depends(server_state)) -> dict:
-    if body.name == "public":
-        raise APIError(409, "`public` is reserved for the server's static adapters.", "conflict")
-    tenant, key = state.adapters.registry.create_tenant(
-        body.name,
-        max_adapters=body.max_adapters or state.settings.tenant_max_adapters,
-        max_bytes=body.max_bytes or state.settings.tenant_max_bytes,
-    )
-    log.info("created tenant %s", tenant.name)  # never the key
-    return {**_tenant_dict(tenant), "api_key": key}
-
-
-@router.get("/v1/tenants", dependencies=[Depends(require_admin)])
-async def list_tenants(state: ServerState = Depends(server_state)) -> dict:
-    return {
-        "object": "list",
-        "data": [_tenant_dict(t) for t in state.adapters.registry.list_tenants()],
-    }
 
 
 async def _owner(
@@ -70,9 +30,9 @@ async def _owner(
         return tenant
     if not is_admin_request(request, state):
         raise APIError(403, "Only the admin may act for another tenant.", "admin_required")
-    for candidate in state.adapters.registry.list_tenants():
-        if candidate.name == tenant_name:
-            return candidate
+    found = await run_in_threadpool(state.adapters.registry.tenant_by_name, tenant_name)
+    if found is not None:
+        return found
     raise APIError(404, f"Tenant `{tenant_name}` does not exist.", "tenant_not_found")
 
 
@@ -204,14 +164,25 @@ async def delete_adapter(
         removed = state.adapters.delete(owner, name)
     except NotFound as exc:
         raise APIError(404, f"Adapter `{name}` does not exist.", "adapter_not_found") from exc
-    for version in removed:
-        asyncio.create_task(_retire(state, version))
+    retire_in_background(state, removed)
     return {
         "object": "adapter.deleted",
         "deleted": True,
         "id": name,
         "versions": [v.version for v in removed],
     }
+
+
+_retiring: set[asyncio.Task] = set()  # held so the event loop does not drop them midway
+
+
+def retire_in_background(state: ServerState, versions: list[AdapterVersion]) -> None:
+    """Drop deleted versions from the engine once their in-flight requests end, then purge
+    their files unless another live version has the same content."""
+    for version in versions:
+        task = asyncio.create_task(_retire(state, version))
+        _retiring.add(task)
+        task.add_done_callback(_retiring.discard)
 
 
 async def _retire(state: ServerState, version: AdapterVersion) -> None:

@@ -31,6 +31,7 @@ from serving.openai_routes import router as openai_router
 from serving.resolver import TenantResolver
 from serving.settings import Settings
 from serving.state import ServerState, server_state
+from serving.tenant_routes import router as tenant_router
 from serving.vllm_compat import check_vllm
 from serving.vllm_compat.serving import build_serving
 
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(tenant_router)
 
     @app.get("/health")
     async def health(state: ServerState = Depends(server_state)) -> JSONResponse:

@@ -158,6 +158,17 @@ class Settings(BaseSettings):
         False, description="Serve the OpenAPI schema and docs pages (/docs, /openapi.json)."
     )
 
+    # ---- keys, tenants and usage (serving/tenant_routes.py, adapters/usage.py)
+    tenant_max_keys: int = Field(
+        100, ge=1, description="Usable (not revoked, not expired) API keys one tenant may hold."
+    )
+    usage_flush_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between writes of the usage ledger (requests and tokens per tenant, "
+        "adapter version and day) from memory to the registry database.",
+    )
+
     @property
     def requires_auth(self) -> bool:
         return self.admin_key is not None if self.auth_required is None else self.auth_required
