@@ -19,12 +19,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from services import ensure_postgres  # noqa: E402
 from support import make_random_adapters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key-0123456789"
 MODELS_DIR = Path(os.environ.get("TENANTLORA_TEST_MODELS", REPO / ".cache" / "models"))
 STARTUP_TIMEOUT = 900
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server for the session (tests/services.py): the CI's, or one started here
+    and stopped at the session's end."""
+    service = ensure_postgres()
+    yield service.url
+    if service.stop is not None:
+        service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 """Registry and store: versions, quotas, isolation, atomic commits, persistence.
 
 Every registry test runs against SQLite (the embedded default) and PostgreSQL (the shared one).
-PostgreSQL needs a server: `TENANTLORA_TEST_POSTGRES_URL=postgresql://...` (CI starts one with
-`.ci/postgres.sh`); without it those cases are skipped, and under CI (`CI` set) they fail. Each
-test gets its own PostgreSQL schema, dropped afterwards."""
+PostgreSQL comes from the `postgres_url` session fixture (tests/services.py): the server
+TENANTLORA_TEST_POSTGRES_URL names (CI starts one with `.ci/postgres.sh`), else one the test run
+starts and stops. Each test gets its own PostgreSQL schema, dropped afterwards."""
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from urllib.parse import quote
@@ -22,8 +21,6 @@ from adapters.service import AdapterService
 from adapters.store import AdapterStore
 from adapters.validation import BaseModelSpec
 
-POSTGRES_URL = os.environ.get("TENANTLORA_TEST_POSTGRES_URL")
-
 
 def with_search_path(url: str, schema: str) -> str:
     """The same database URL, with every connection's search_path set to `schema`."""
@@ -31,23 +28,24 @@ def with_search_path(url: str, schema: str) -> str:
     return f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "registry.db")
-        return
-    if not POSTGRES_URL:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set TENANTLORA_TEST_POSTGRES_URL (see .ci/postgres.sh)")
-        pytest.skip("TENANTLORA_TEST_POSTGRES_URL is not set")
+@pytest.fixture()
+def postgres_schema_url(postgres_url):
+    """The session's PostgreSQL, in a schema of this test's own."""
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    yield with_search_path(POSTGRES_URL, schema)
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+    yield with_search_path(postgres_url, schema)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    return request.getfixturevalue("postgres_schema_url")
 
 
 @pytest.fixture()
@@ -204,17 +202,16 @@ def test_replicas_sharing_one_database(registry_url):
         second.close()
 
 
-def test_postgres_connection_loss_is_survived(registry_url):
-    """A replica whose database connection drops (server restart, idle timeout) reconnects."""
-    if not registry_url.startswith("postgresql://"):
-        pytest.skip("SQLite has no connection to lose")
+def test_postgres_connection_loss_is_survived(postgres_schema_url, postgres_url):
+    """A replica whose database connection drops (server restart, idle timeout) reconnects.
+    (PostgreSQL only: SQLite has no connection to lose.)"""
     import psycopg
 
-    registry = Registry(registry_url)
+    registry = Registry(postgres_schema_url)
     try:
         tenant, key = registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
         pid = registry._db._conn.info.backend_pid
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert registry.tenant_by_key(key) == tenant
         assert registry._db._conn.info.backend_pid != pid

@@ -1,0 +1,62 @@
+"""Servers the tests need, started by the test run itself, so `pytest tests` on a fresh machine
+runs every test and skips none.
+
+Each `ensure_<name>()` returns a `RunningService`: the URL of a server given by the environment
+(`TENANTLORA_TEST_<NAME>_URL`, as `.ci/run` sets it), or of one it starts now, which `stop()`
+then ends. tests/conftest.py wraps each in a session fixture that stops at the session's end what
+the session started, and only that."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunningService:
+    name: str
+    url: str
+    stop: Callable[[], None] | None = None  # None: not started by this test run
+
+    @property
+    def started_here(self) -> bool:
+        return self.stop is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_postgres() -> RunningService:
+    """TENANTLORA_TEST_POSTGRES_URL, else a private PostgreSQL started with `.ci/postgres.sh`
+    (which installs it from Debian's packages when missing) in a fresh folder on a free port,
+    so it never meets a server another test run or CI started."""
+    url = os.environ.get("TENANTLORA_TEST_POSTGRES_URL")
+    if url:
+        return RunningService("postgresql", url)
+    root = tempfile.mkdtemp(prefix="tenantlora-pg-")
+    env = dict(os.environ, TENANTLORA_PG_ROOT=root, TENANTLORA_PG_PORT=str(free_port()))
+    script = ["bash", str(REPO / ".ci" / "postgres.sh")]
+    try:
+        done = subprocess.run(
+            script, env=env, capture_output=True, text=True, timeout=600, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"could not start PostgreSQL for the tests:\n{exc.stderr}") from exc
+
+    def stop() -> None:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+    return RunningService("postgresql", done.stdout.strip().splitlines()[-1], stop)
