@@ -18,6 +18,7 @@ from adapters.keys import keys_equal
 from adapters.registry import Registry
 from adapters.service import AdapterService
 from adapters.store import AdapterStore
+from adapters.usage import UsageLedger
 from adapters.validation import BaseModelSpec
 from serving import metrics
 from serving.admin_routes import router as admin_router
@@ -50,6 +51,10 @@ def parse_static_loras(specs: list[str]) -> list[tuple[str, Path]]:
 
 def build_adapter_service(settings: Settings, base_name: str, base_path: Path) -> AdapterService:
     registry = Registry(settings.registry_url)
+    public = registry.ensure_public_tenant()
+    quotas = {"max_adapters": settings.tenant_max_adapters, "max_bytes": settings.tenant_max_bytes}
+    if (public.max_adapters, public.max_bytes) != tuple(quotas.values()):
+        registry.update_tenant(public, **quotas)  # `public` has the normal quotas, no more
     store = AdapterStore(settings.store_dir)
     spec = BaseModelSpec.from_checkpoint(base_name, base_path)
     return AdapterService(
@@ -85,6 +90,7 @@ async def _lifespan(app: FastAPI):
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
     base_name = settings.served_model_name or default_served_name(settings.base_model)
     adapters = build_adapter_service(settings, base_name, base_path)
+    adapters.reconcile()  # orphan store folders, staging leftovers; logs rows without files
     for name, folder in parse_static_loras(settings.loras):
         version = adapters.ensure_static(name, folder)
         log.info("static adapter %s -> %s", name, version.pinned_name)
@@ -92,6 +98,8 @@ async def _lifespan(app: FastAPI):
     lifecycle = AdapterLifecycle(engine, on_load=metrics.observe_load)
     models, chat, completion = build_serving(engine, base_name)
     catalog = AdapterCatalog(adapters.registry)
+    usage = UsageLedger(adapters.registry)
+    usage.start()
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     app.state.engine_client = engine
     app.state.tenantlora = ServerState(
@@ -114,12 +122,14 @@ async def _lifespan(app: FastAPI):
         serving_completion=completion,
         started_at=time.time(),
         cache_salts=CacheSalts(share_base=settings.share_base_prefix_cache),
+        usage=usage,
     )
     log.info("tenantlora ready in %.1f s: base model %s", time.perf_counter() - started, base_name)
     try:
         yield
     finally:
         engine.shutdown()
+        usage.close()
         adapters.registry.close()
 
 
