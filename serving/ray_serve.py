@@ -24,19 +24,16 @@ system). So an adapter registered through one replica serves from every other.
 
 Run it (the settings come from TENANTLORA_* variables, as for `tenantlora serve`):
 
-    python -m serving.ray_serve --replicas 2 --port 8000       # starts a local Ray cluster
-    python -m serving.ray_serve --address auto --replicas 4    # on a running Ray cluster
+    tenantlora ray serve --replicas 2 --port 8000       # starts a local Ray cluster
+    tenantlora ray serve --address auto --replicas 4    # on a running Ray cluster
     serve run serving.ray_serve:build_app replicas=2            # Ray's own CLI
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import signal
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -327,52 +324,3 @@ def build_app(args: dict[str, str]):
     replicas = int(args.pop("replicas", 2))
     engine_cpus = float(args.pop("engine_cpus", 1))
     return build_deployments(Settings(**args), replicas=replicas, engine_cpus=engine_cpus)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import ray
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--address", default=None, help="Ray cluster (default: start a local one)")
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--engine-cpus", type=float, default=1.0)
-    parser.add_argument("--host", default=None, help="default: TENANTLORA_HOST")
-    parser.add_argument("--port", type=int, default=None, help="default: TENANTLORA_PORT")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    host, port = args.host or settings.host, args.port or settings.port
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        # A local cluster: keep Ray's own services on loopback (Ray otherwise binds them to the
-        # machine's address, ready for other nodes to join).
-        from ray._private import ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's own processes
-        ray_constants.ENABLE_RAY_CLUSTER = False  # this one (read when ray was imported)
-        ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(
-        build_deployments(settings, replicas=args.replicas, engine_cpus=args.engine_cpus),
-        name="tenantlora",
-        route_prefix="/",
-    )
-    print(f"tenantlora on Ray Serve: http://{host}:{port}/v1 ({args.replicas} replicas)")
-
-    def stop(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, stop)  # containers and process managers stop with SIGTERM
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
