@@ -8,7 +8,10 @@ import time
 from datetime import date, timedelta
 
 import pytest
-from test_registry import registry_url  # noqa: F401 - the shared SQLite/PostgreSQL fixture
+from test_registry import (  # noqa: F401 - the shared SQLite/PostgreSQL fixtures
+    postgres_schema_url,
+    registry_url,
+)
 
 from adapters.errors import Conflict, NotFound, QuotaExceeded
 from adapters.keys import hash_key
