@@ -40,3 +40,9 @@ class Conflict(AdapterError):
     """The name is taken (409)."""
 
     code = "conflict"
+
+
+class SourceNotAllowed(AdapterError):
+    """A server-side source the settings do not allow, e.g. a folder outside adapter_roots (403)."""
+
+    code = "source_not_allowed"

@@ -16,7 +16,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -56,6 +56,12 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
 );
 CREATE INDEX IF NOT EXISTS adapter_versions_lookup ON adapter_versions (tenant_id, name, deleted_at);
 CREATE INDEX IF NOT EXISTS adapter_versions_digest ON adapter_versions (digest);
+CREATE TABLE IF NOT EXISTS store_pins (
+    id {pk},
+    digest TEXT NOT NULL,
+    created_at {float} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS store_pins_digest ON store_pins (digest);
 """
 # SQLite: AUTOINCREMENT so a deleted row's id is never handed out again (vLLM caches by id).
 _SQLITE_TYPES = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"}
@@ -194,9 +200,16 @@ class AdapterVersion:
             "lora_alpha": self.alpha,
             "target_modules": list(self.target_modules),
             "base_model": self.base_model,
-            "source": self.source,
+            "source": public_source(self.source),
             "created": int(self.created_at),
         }
+
+
+def public_source(source: str) -> str:
+    """What a response may show of an adapter's origin: its kind (`static`, `upload`, `folder`)
+    or `hub:<id>`, never a server path (older rows stored `static:/path` and `folder:/path`)."""
+    kind = source.partition(":")[0]
+    return source if kind == "hub" else kind
 
 
 def split_pinned(model: str) -> tuple[str, int | None]:
@@ -631,8 +644,10 @@ class Registry:
         target_modules: tuple[str, ...],
         base_model: str,
         source: str,
+        pin: int | None = None,
     ) -> AdapterVersion:
-        """Record a new version of `name` for `tenant`, enforcing the tenant's quotas."""
+        """Record a new version of `name` for `tenant`, enforcing the tenant's quotas; release
+        the registration's store pin (`pin_digest`) in the same transaction."""
         with self._tx() as db:
             db.lock_tenant(tenant.id)
             if not db.execute(_LIVE_TENANT, (tenant.id,)):  # deleted while the upload ran
@@ -677,6 +692,8 @@ class Registry:
                     time.time(),
                 ),
             )
+            if pin is not None:
+                db.execute("DELETE FROM store_pins WHERE id = ?", (pin,))
         return self.get_version(rows[0]["id"])
 
     def get_version(self, version_id: int) -> AdapterVersion:
@@ -727,6 +744,63 @@ class Registry:
             (digest,),
         )
         return bool(rows)
+
+    # ---- store references: a stored folder goes only when nothing uses it ---------------------
+
+    def _lock_digest(self, db: _SQLite | _Postgres, digest: str) -> None:
+        """Serialise pins and releases of one digest (SQLite's write lock already does)."""
+        if db.name == "postgresql":
+            db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (digest,))
+
+    def pin_digest(self, digest: str) -> int:
+        """Mark `digest` as in use by a registration in progress; return the pin's id, which
+        `add_version(pin=...)` or `release_digest(pin=...)` ends."""
+        with self._tx() as db:
+            self._lock_digest(db, digest)
+            rows = db.execute(
+                "INSERT INTO store_pins (digest, created_at) VALUES (?, ?) RETURNING id",
+                (digest, time.time()),
+            )
+        return int(rows[0]["id"])
+
+    def release_digest(
+        self, digest: str, remove: Callable[[str], None], pin: int | None = None
+    ) -> bool:
+        """End `pin` (if given); if no live version and no pin uses `digest`, call
+        `remove(digest)` inside the transaction, under the digest's lock. True if removed."""
+        with self._tx() as db:
+            self._lock_digest(db, digest)
+            if pin is not None:
+                db.execute("DELETE FROM store_pins WHERE id = ?", (pin,))
+            used = db.execute(
+                "SELECT 1 AS one FROM adapter_versions WHERE digest = ? AND deleted_at IS NULL "
+                "UNION ALL SELECT 1 AS one FROM store_pins WHERE digest = ? LIMIT 1",
+                (digest, digest),
+            )
+            if used:
+                return False
+            remove(digest)
+        return True
+
+    def drop_stale_pins(self, before: float) -> int:
+        """End pins older than `before` (registrations a crash interrupted); return how many."""
+        with self._tx() as db:
+            rows = db.execute("DELETE FROM store_pins WHERE created_at < ? RETURNING id", (before,))
+        return len(rows)
+
+    def live_versions(self) -> list[AdapterVersion]:
+        """Every tenant's live adapter versions (start-up reconciliation)."""
+        rows = self._query(_SELECT_VERSIONS + " WHERE v.deleted_at IS NULL ORDER BY v.id")
+        return [_version(r) for r in rows]
+
+    def stored_usage(self, tenant: Tenant) -> tuple[int, int]:
+        """(live adapter versions, their bytes) of `tenant`, for the quota check before upload."""
+        row = self._query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS used "
+            "FROM adapter_versions WHERE tenant_id = ? AND deleted_at IS NULL",
+            (tenant.id,),
+        )[0]
+        return int(row["n"]), int(row["used"])
 
 
 _SELECT_VERSIONS = (

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from adapters.errors import AdapterTooLarge, NotFound
+from adapters.errors import NotFound, SourceNotAllowed
 from adapters.registry import AdapterVersion, Tenant
+from adapters.sources import fetch_hub_adapter, resolve_allowed_folder
 from serving import metrics
 from serving.auth import current_tenant, is_admin_request, require_writer
 from serving.errors import APIError
 from serving.state import ServerState, server_state
+from serving.uploads import read_upload_form, upload_slots
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -36,21 +40,6 @@ async def _owner(
     raise APIError(404, f"Tenant `{tenant_name}` does not exist.", "tenant_not_found")
 
 
-async def _spool(upload: StarletteUpload, limit: int) -> Path:
-    """Copy the uploaded archive to a temporary file, refusing it past `limit` bytes."""
-    fd, name = tempfile.mkstemp(prefix="tenantlora-upload-")
-    path = Path(name)
-    written = 0
-    with open(fd, "wb") as out:
-        while chunk := await upload.read(1 << 20):
-            written += len(chunk)
-            if written > limit:
-                path.unlink(missing_ok=True)
-                raise AdapterTooLarge(f"upload exceeds the limit of {limit} bytes")
-            out.write(chunk)
-    return path
-
-
 @router.post("/v1/adapters", status_code=201, dependencies=[Depends(require_writer)])
 async def upload_adapter(
     request: Request,
@@ -58,73 +47,79 @@ async def upload_adapter(
     state: ServerState = Depends(server_state),
 ) -> dict:
     """Multipart form: `name` and `file` (a .tar.gz or .zip of a PEFT adapter). The admin may send
-    `path` (a folder on the server) or `hub_id` instead of `file`, and `tenant` to act for one."""
-    limit = state.settings.max_adapter_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + (1 << 20):
-        raise AdapterTooLarge(f"upload of {length} bytes exceeds the limit of {limit} bytes")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise APIError(
-            415,
-            "Send the adapter as multipart/form-data (fields `name`, `file`).",
-            "unsupported_media_type",
-        )
-    form = await request.form(max_files=1, max_fields=8)
-    try:
-        name = form.get("name")
-        if not isinstance(name, str) or not name:
-            raise APIError(400, "Form field `name` is required.", "missing_name", "name")
-        owner = await _owner(request, state, tenant, _str(form.get("tenant")))
-        upload, folder, hub_id = form.get("file"), _str(form.get("path")), _str(form.get("hub_id"))
-        if isinstance(upload, StarletteUpload):
-            archive = await _spool(upload, limit)
-            try:
-                version = await run_in_threadpool(
-                    state.adapters.register_archive, owner, name, archive
-                )
-            finally:
-                archive.unlink(missing_ok=True)
-        elif folder or hub_id:
-            if not is_admin_request(request, state):
-                raise APIError(
-                    403,
-                    "Only the admin may register server-side folders or hub ids.",
-                    "admin_required",
-                )
-            source = Path(folder) if folder else await run_in_threadpool(_fetch_hub_adapter, hub_id)
-            version = await run_in_threadpool(
-                state.adapters.register_folder,
-                owner,
-                name,
-                source,
-                None if folder else f"hub:{hub_id}",
+    `path` (a folder under `adapter_roots`) or `hub_id` (and `revision`) instead of `file`, and
+    `tenant` to act for one. A tenant's quota and concurrent-upload limit are checked before the
+    body is read (serving/uploads.py)."""
+    settings = state.settings
+    admin = is_admin_request(request, state)
+    with contextlib.ExitStack() as held:
+        if not admin:
+            held.enter_context(
+                upload_slots(request, settings.max_concurrent_uploads).hold(tenant.id)
             )
-        else:
-            raise APIError(
-                400, "Form field `file` (the adapter archive) is required.", "missing_file", "file"
-            )
-    finally:
-        await form.close()
-    log.info("registered adapter %s for tenant %s", version.pinned_name, owner.name)
+            await run_in_threadpool(state.adapters.check_room, tenant)
+        form = await read_upload_form(request, settings.max_adapter_bytes)
+        try:
+            version = await _register_from_form(request, state, tenant, form, admin)
+        finally:
+            await form.close()
+    log.info("registered adapter %s", version.engine_name)
     return version.public_dict()
+
+
+async def _register_from_form(
+    request: Request, state: ServerState, tenant: Tenant, form: FormData, admin: bool
+) -> AdapterVersion:
+    name = form.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "Form field `name` is required.", "missing_name", "name")
+    owner = await _owner(request, state, tenant, _str(form.get("tenant")))
+    upload, folder, hub_id = form.get("file"), _str(form.get("path")), _str(form.get("hub_id"))
+    service = state.adapters
+    if isinstance(upload, StarletteUpload):
+        return await run_in_threadpool(service.register_archive, owner, name, upload.file)
+    if not (folder or hub_id):
+        raise APIError(
+            400, "Form field `file` (the adapter archive) is required.", "missing_file", "file"
+        )
+    if not admin:
+        raise APIError(
+            403, "Only the admin may register server-side folders or hub ids.", "admin_required"
+        )
+    try:
+        if folder:
+            source = await run_in_threadpool(
+                resolve_allowed_folder, folder, state.settings.adapter_roots
+            )
+            return await run_in_threadpool(service.register_folder, owner, name, source)
+        snapshot, repo = await _fetch_hub_adapter(state, hub_id, _str(form.get("revision")))
+        return await run_in_threadpool(
+            functools.partial(
+                service.register_folder, owner, name, snapshot, f"hub:{hub_id}", links_within=repo
+            )
+        )
+    except SourceNotAllowed as exc:
+        raise APIError(403, str(exc), exc.code, "path") from exc
 
 
 def _str(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _fetch_hub_adapter(hub_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
+async def _fetch_hub_adapter(
+    state: ServerState, hub_id: str, revision: str | None
+) -> tuple[Path, Path]:
+    """The hub download in a worker thread, bounded by `hub_timeout_seconds` (the thread may
+    finish later into the hub cache; its result is then dropped)."""
+    timeout = state.settings.hub_timeout_seconds
+    fetch = functools.partial(
+        fetch_hub_adapter, hub_id, revision, max_bytes=state.settings.max_adapter_bytes
+    )
     try:
-        return Path(
-            snapshot_download(
-                hub_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - any hub failure is the caller's bad id or no network
+        return await asyncio.wait_for(run_in_threadpool(fetch), timeout)
+    except TimeoutError as exc:
         raise APIError(
-            400, f"Could not fetch `{hub_id}` from the hub: {exc}", "hub_fetch_failed"
+            400, f"Fetching `{hub_id}` from the hub took over {timeout:g} s.", "hub_fetch_failed"
         ) from exc
 
 

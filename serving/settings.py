@@ -169,6 +169,19 @@ class Settings(BaseSettings):
         "adapter version and day) from memory to the registry database.",
     )
 
+    # ---- upload and store hardening (serving/uploads.py, adapters/archive.py, sources.py)
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="Server folders under which the admin may register adapter folders "
+        "(`path=`); env: a JSON list. Empty: folder registration is refused.",
+    )
+    max_concurrent_uploads: int = Field(
+        2, ge=1, description="Adapter uploads one tenant may run at once (429 past it)."
+    )
+    hub_timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest a `hub_id=` registration may take to download."
+    )
+
     @property
     def requires_auth(self) -> bool:
         return self.admin_key is not None if self.auth_required is None else self.auth_required
