@@ -48,6 +48,8 @@ def engine_kwargs(
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=settings.enforce_eager,
         disable_log_stats=False,
+        # Fair sharing: admission sets each request's priority (serving/admission.py).
+        scheduling_policy="priority",
     )
     if served_name:
         kwargs["served_model_name"] = [served_name]
