@@ -6,6 +6,7 @@ that needs it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -72,6 +73,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.base_model_name = base_model.name
         self.admin_key = ADMIN_KEY
+        self.env: dict[str, str] = {}  # extra environment for the server
 
     @property
     def url(self) -> str:
@@ -86,6 +88,9 @@ class ServerProcess:
             **os.environ,
             "TENANTLORA_DATA_DIR": str(self.data_dir),
             "TENANTLORA_ADMIN_KEY": ADMIN_KEY,
+            # `path=` registration is allowed under the session's temporary folders only
+            "TENANTLORA_ADAPTER_ROOTS": json.dumps([str(self.data_dir.parent)]),
+            **self.env,
         }
         cmd = [
             sys.executable, "-m", "serving.cli", "serve",

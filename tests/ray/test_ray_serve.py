@@ -104,6 +104,7 @@ def cluster(base_model_path, tmp_path_factory):
     settings = Settings(
         base_model=str(base_model_path),
         data_dir=data_dir,
+        adapter_roots=[tmp_path_factory.getbasetemp()],
         database_url=database_url,
         admin_key=ADMIN_KEY,
         max_loras=2,
