@@ -9,6 +9,7 @@ from datetime import date, timedelta
 
 import pytest
 from test_registry import (  # noqa: F401 - the shared SQLite/PostgreSQL fixtures
+    _add,
     postgres_schema_url,
     registry_url,
 )
@@ -25,21 +26,6 @@ def registry(registry_url):  # noqa: F811
     reg.ensure_public_tenant()
     yield reg
     reg.close()
-
-
-def _add(registry: Registry, tenant, name: str, digest: str):
-    return registry.add_version(
-        tenant,
-        name,
-        digest=digest,
-        path=f"/store/{digest}",
-        size_bytes=10,
-        rank=8,
-        alpha=16.0,
-        target_modules=("q_proj",),
-        base_model="base",
-        source="test",
-    )
 
 
 def test_several_keys_revoke_and_expiry(registry):
