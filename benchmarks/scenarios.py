@@ -40,6 +40,22 @@ def adapter_targets(server: Server, names: list[str]) -> list[Target]:
     return [Target(a, server.base_url, f"tenant-{a}") for a in names]
 
 
+def plain_engine(h: Harness, name: str, model: str) -> Server:
+    """vLLM's own server for ``model`` without LoRA, with the benchmark's engine settings."""
+    c = h.cfg
+    return vllm_server(
+        name,
+        model,
+        {},
+        h.log_dir,
+        1,
+        1,
+        c.max_model_len,
+        c.kv_cache_gib,
+        enforce_eager=c.enforce_eager,
+    )
+
+
 class Reference:
     """Scenario 1: the base model alone on a plain vLLM engine."""
 
@@ -48,20 +64,7 @@ class Reference:
         self.server: Server | None = None
 
     def start(self, record: bool = True) -> Server:
-        c = self.h.cfg
-        self.server = self.h.start(
-            vllm_server(
-                "base-ref",
-                c.base_model,
-                {},
-                self.h.log_dir,
-                1,
-                1,
-                c.max_model_len,
-                c.kv_cache_gib,
-                enforce_eager=c.enforce_eager,
-            )
-        )
+        self.server = self.h.start(plain_engine(self.h, "base-ref", self.h.cfg.base_model))
         first = self.h.first_request(self.server, self.server.base_model_name)
         if record:
             memory = self.server.memory()
@@ -315,22 +318,9 @@ class Monolithic:
         self.merged = merged
 
     def run(self) -> None:
-        c = self.h.cfg
         engines: list[tuple[str, Server]] = []
         for tenant, path in self.merged.items():
-            server = self.h.start(
-                vllm_server(
-                    f"merged-{tenant}",
-                    str(path),
-                    {},
-                    self.h.log_dir,
-                    1,
-                    1,
-                    c.max_model_len,
-                    c.kv_cache_gib,
-                    enforce_eager=c.enforce_eager,
-                )
-            )
+            server = self.h.start(plain_engine(self.h, f"merged-{tenant}", str(path)))
             first = self.h.first_request(server, server.base_model_name)
             cold_s = (server.ready_s or 0.0) + first.ttft_s
             memory = server.memory()
