@@ -14,14 +14,14 @@ It returns a `Ticket`: the vLLM priority for the request, OpenAI's `x-ratelimit-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import Counter as Tally
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-
+from serving import metrics
 from serving.errors import APIError
 from serving.fair_queue import FairQueue, QueueFull, QueueTimeout
 from serving.rate_limits import Charge, RateLimited, RateLimits
@@ -34,23 +34,15 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 
-QUEUE_WAIT = Histogram(
-    "tenantlora_admission_queue_wait_seconds",
-    "Time a request waited for a slot in the engine (0 when one was free).",
-    ("tenant",),
-    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
-)
-REFUSED = Counter(
-    "tenantlora_admission_refused",
-    "Requests refused at admission, by reason.",
-    ("tenant", "reason"),
-)
-IN_FLIGHT = Gauge("tenantlora_admission_in_flight", "Requests admitted to the engine.", ("tenant",))
-QUEUED = Gauge("tenantlora_admission_queued", "Requests waiting for the engine.", ("tenant",))
-TOKENS_ADMITTED = Counter(
-    "tenantlora_admission_tokens",
-    "Tokens reserved at admission (estimated prompt + requested completion tokens).",
-    ("tenant",),
+# Why a request can be refused (the `reason` label of tenantlora_admission_refused).
+REASONS = (
+    "max_n",
+    "max_prompts",
+    "concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "queue_full",
+    "queue_timeout",
 )
 
 
@@ -178,6 +170,7 @@ class Admission:
         self._in_flight: Tally[str] = Tally()  # per tenant, in the engine, this replica
         self._active: Tally[str] = Tally()  # per tenant, being admitted, queued or in flight
         self._tasks: set[asyncio.Task] = set()
+        self._seen: set[str] = set()  # tenants whose series exist
 
     def limits(self, tenant: Any) -> TenantLimits:
         return TenantLimits.of(tenant, self.settings)
@@ -188,6 +181,7 @@ class Admission:
     async def admit(self, tenant: Any, request: Any) -> Ticket:
         """Admit `request` for `tenant` or raise APIError (400 over a cap, 429 over a limit)."""
         name = tenant.name
+        self._init_series(name)
         limits = self.limits(tenant)
         size = request_size(request, self.settings.max_model_len)
         self._check_size(name, limits, size)
@@ -219,7 +213,7 @@ class Admission:
             headers = {"Retry-After": str(math.ceil(exc.retry_after)), **exc.headers}
             raise APIError(429, exc.message, "rate_limit_exceeded", headers=headers) from exc
 
-        QUEUED.labels(name).inc()
+        metrics.ADMISSION_QUEUED.labels(name).inc()
         try:
             waited = await self.queue.acquire(
                 name,
@@ -241,13 +235,13 @@ class Admission:
             self._background(self.rate_limits.refund(charge))
             raise
         finally:
-            QUEUED.labels(name).dec()
+            metrics.ADMISSION_QUEUED.labels(name).dec()
         # vLLM priority (lower runs earlier): this tenant's work in the engine, per unit weight.
         priority = int(self._in_flight[name] / limits.weight)
         self._in_flight[name] += 1
-        IN_FLIGHT.labels(name).inc()
-        QUEUE_WAIT.labels(name).observe(waited)
-        TOKENS_ADMITTED.labels(name).inc(size.tokens)
+        metrics.ADMISSION_IN_FLIGHT.labels(name).inc()
+        metrics.ADMISSION_QUEUE_WAIT.labels(name).observe(waited)
+        metrics.ADMISSION_TOKENS.labels(name).inc(size.tokens)
         return Ticket(self, name, priority, charge.headers, charge, waited)
 
     def _check_size(self, tenant: str, limits: TenantLimits, size: RequestSize) -> None:
@@ -267,8 +261,31 @@ class Admission:
                 "prompt",
             )
 
+    def _init_series(self, tenant: str) -> None:
+        """Export a tenant's refusal counters at 0 from its first request, so rate() and the
+        dashboard see them before the first refusal."""
+        if tenant not in self._seen:
+            self._seen.add(tenant)
+            for reason in REASONS:
+                metrics.ADMISSION_REFUSED.labels(tenant, reason)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop a deleted tenant's admission series."""
+        self._seen.discard(tenant)
+        for metric in (
+            metrics.ADMISSION_QUEUE_WAIT,
+            metrics.ADMISSION_IN_FLIGHT,
+            metrics.ADMISSION_QUEUED,
+            metrics.ADMISSION_TOKENS,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(tenant)
+        for reason in REASONS:
+            with contextlib.suppress(KeyError):
+                metrics.ADMISSION_REFUSED.remove(tenant, reason)
+
     def _refuse(self, tenant: str, reason: str) -> None:
-        REFUSED.labels(tenant, reason).inc()
+        metrics.ADMISSION_REFUSED.labels(tenant, reason).inc()
 
     @staticmethod
     def _forget(tally: Tally[str], tenant: str) -> None:
@@ -279,7 +296,7 @@ class Admission:
     def _release(self, tenant: str) -> None:
         self._forget(self._in_flight, tenant)
         self._forget(self._active, tenant)
-        IN_FLIGHT.labels(tenant).dec()
+        metrics.ADMISSION_IN_FLIGHT.labels(tenant).dec()
         self.queue.release()
 
     def _background(self, coro) -> None:

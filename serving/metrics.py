@@ -60,6 +60,28 @@ ADAPTERS_RESIDENT = Gauge(
     "tenantlora_adapters_resident", "Adapters held by the engine (device + host cache)."
 )
 
+# Fair sharing and limits (serving/admission.py updates these).
+ADMISSION_QUEUE_WAIT = Histogram(
+    "tenantlora_admission_queue_wait_seconds",
+    "Time a request waited for a slot in the engine (0 when one was free).",
+    ("tenant",),
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+ADMISSION_REFUSED = Counter(
+    "tenantlora_admission_refused", "Requests refused at admission.", ("tenant", "reason")
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "tenantlora_admission_in_flight", "Requests admitted to the engine.", ("tenant",)
+)
+ADMISSION_QUEUED = Gauge(
+    "tenantlora_admission_queued", "Requests waiting for the engine.", ("tenant",)
+)
+ADMISSION_TOKENS = Counter(
+    "tenantlora_admission_tokens",
+    "Tokens reserved at admission (estimated prompt + requested completion tokens).",
+    ("tenant",),
+)
+
 
 class _ProcessTreeCollector:
     """Resident memory of the server and its engine processes (and GPU memory on a GPU)."""

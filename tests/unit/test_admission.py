@@ -298,3 +298,30 @@ async def _wait_until_admitted(adm: Admission, t, request, within: float) -> Non
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+
+def _sample(name: str, **labels) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_metrics_by_tenant():
+    adm = admission(admission_max_in_flight=1)
+    t = tenant(max_concurrent=1)
+    refused = "tenantlora_admission_refused_total"
+    ticket = await adm.admit(t, chat(max_tokens=10))
+    assert _sample(refused, tenant=t.name, reason="concurrency") == 0  # exported before any
+    assert _sample("tenantlora_admission_in_flight", tenant=t.name) == 1
+    assert _sample("tenantlora_admission_tokens_total", tenant=t.name) == 17  # 4 + 11/4 + 10 max
+    assert _sample("tenantlora_admission_queue_wait_seconds_count", tenant=t.name) == 1
+    with pytest.raises(APIError):
+        await adm.admit(t, chat())
+    assert _sample(refused, tenant=t.name, reason="concurrency") == 1
+    ticket.release()
+    assert _sample("tenantlora_admission_in_flight", tenant=t.name) == 0
+    adm.forget_tenant(t.name)
+    assert _sample(refused, tenant=t.name, reason="concurrency") is None
