@@ -18,8 +18,6 @@ from adapters.targets import LORA_TARGET_MODULES
 
 log = logging.getLogger(__name__)
 
-TARGET_MODULES = list(LORA_TARGET_MODULES)
-
 
 def _marker(path: Path) -> Path:
     # Beside the folder, not in it: servers validate adapter folders strictly.
@@ -79,7 +77,7 @@ def make_adapters(
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=TARGET_MODULES,
+        target_modules=list(LORA_TARGET_MODULES),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import DEFAULT_LEARNING_RATE, DEFAULT_TARGET_MODULES, METHODS
+from adapters.targets import LORA_TARGET_MODULES
+from training.config import DEFAULT_LEARNING_RATE, METHODS
 
 
 def _default_base() -> str:
@@ -183,7 +184,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES))
+    p.add_argument("--target-modules", default=",".join(LORA_TARGET_MODULES))
     p.add_argument(
         "--save-dtype",
         default="float32",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -11,8 +11,6 @@ from adapters.targets import LORA_TARGET_MODULES
 Method = Literal["lora", "qlora", "full"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 
-# All attention and MLP projections of a Llama-style decoder (what vLLM's LoRA layers serve).
-DEFAULT_TARGET_MODULES = LORA_TARGET_MODULES
 
 # Learning rates: adapters train a small, zero-initialised update and take a large rate; full
 # fine-tuning moves every pretrained weight and takes a small one.
@@ -43,7 +41,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGET_MODULES)
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     # full: the dtype the checkpoint is saved in (training itself runs in fp32). float32, because
     # rounding to bf16 erases updates below half a bf16 ulp of each weight: after 64 steps at
     # 1e-5 the bf16-saved checkpoints had lost the fine-tune (intent: held-out loss 0.07 in
