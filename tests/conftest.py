@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from services import ensure_postgres  # noqa: E402
+from services import ensure_postgres, ensure_redis  # noqa: E402
 from support import make_random_adapters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,15 @@ def postgres_url():
     """A PostgreSQL server for the session (tests/services.py): the CI's, or one started here
     and stopped at the session's end."""
     service = ensure_postgres()
+    yield service.url
+    if service.stop is not None:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis server for the session (tests/services.py), like postgres_url."""
+    service = ensure_redis()
     yield service.url
     if service.stop is not None:
         service.stop()

@@ -44,19 +44,33 @@ def ensure_postgres() -> RunningService:
     url = os.environ.get("TENANTLORA_TEST_POSTGRES_URL")
     if url:
         return RunningService("postgresql", url)
-    root = tempfile.mkdtemp(prefix="tenantlora-pg-")
-    env = dict(os.environ, TENANTLORA_PG_ROOT=root, TENANTLORA_PG_PORT=str(free_port()))
-    script = ["bash", str(REPO / ".ci" / "postgres.sh")]
+    return _start_private("postgresql", "postgres.sh", "TENANTLORA_PG_ROOT", "TENANTLORA_PG_PORT")
+
+
+def ensure_redis() -> RunningService:
+    """TENANTLORA_TEST_REDIS_URL, else a private Redis started with `.ci/redis.sh` (which
+    installs redis-server from Debian's packages when missing), like ensure_postgres."""
+    url = os.environ.get("TENANTLORA_TEST_REDIS_URL")
+    if url:
+        return RunningService("redis", url)
+    return _start_private("redis", "redis.sh", "TENANTLORA_REDIS_ROOT", "TENANTLORA_REDIS_PORT")
+
+
+def _start_private(name: str, script_name: str, root_var: str, port_var: str) -> RunningService:
+    """Run `.ci/<script_name>` with its own folder and a free port; it prints the URL last."""
+    root = tempfile.mkdtemp(prefix=f"tenantlora-{name}-")
+    env = dict(os.environ, **{root_var: root, port_var: str(free_port())})
+    script = ["bash", str(REPO / ".ci" / script_name)]
     try:
         done = subprocess.run(
             script, env=env, capture_output=True, text=True, timeout=600, check=True
         )
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(f"could not start PostgreSQL for the tests:\n{exc.stderr}") from exc
+        raise RuntimeError(f"could not start {name} for the tests:\n{exc.stderr}") from exc
 
     def stop() -> None:
         subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
 
-    return RunningService("postgresql", done.stdout.strip().splitlines()[-1], stop)
+    return RunningService(name, done.stdout.strip().splitlines()[-1], stop)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -22,7 +19,6 @@ from serving.rate_limits import duration
 from serving.settings import Settings
 
 pytestmark = pytest.mark.anyio
-REPO = Path(__file__).resolve().parents[2]
 WINDOW = 2  # seconds: the tests' stand-in for a minute
 _ids = itertools.count(uuid.uuid4().int % 10**9)  # fresh counters on a long-lived Redis
 
@@ -32,19 +28,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def redis_url() -> str:
-    url = os.environ.get("TENANTLORA_TEST_REDIS_URL")
-    if not url:
-        url = subprocess.run(
-            ["bash", str(REPO / ".ci" / "redis.sh")], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        os.environ["TENANTLORA_TEST_REDIS_URL"] = url
-    return url
-
-
 @pytest.fixture(params=["memory", "redis"])
 def storage(request) -> str:
-    return "memory://" if request.param == "memory" else redis_url()
+    """Counters in process memory, or on a real Redis (the session's `redis_url` fixture)."""
+    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
 @dataclass
@@ -199,8 +186,8 @@ async def test_refused_by_tokens_gives_back_the_request(storage):
     ok.release()
 
 
-async def test_rate_limits_are_shared_by_two_replicas_on_redis():
-    one, two = admission(redis_url()), admission(redis_url())
+async def test_rate_limits_are_shared_by_two_replicas_on_redis(redis_url):
+    one, two = admission(redis_url), admission(redis_url)
     t = tenant(requests_per_minute=3)
     for adm in (one, two, one):
         (await adm.admit(t, chat())).release()
