@@ -83,3 +83,71 @@ def adapter_archive(folder: Path) -> bytes:
             "adapter_model.safetensors": folder / "adapter_model.safetensors",
         }
     )
+
+
+# ---- hostile archives (issue 13): each is small on the wire and refused from its headers ----
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=9)
+
+
+def tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One 512-byte tar header block declaring `size` bytes of data (none follow)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.type = kind
+    info.mode = 0o644
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def long_name_bomb(declared: int = 4 << 30) -> bytes:
+    """A GNU long-name record declaring `declared` bytes of name: a reader that trusts it
+    allocates that much."""
+    return tar_header("././@LongLink", declared, tarfile.GNUTYPE_LONGNAME) + b"\0" * 1024
+
+
+def many_members_tar_gz(count: int = 200_000) -> bytes:
+    """`count` empty folder entries, each named apart."""
+    blocks = (tar_header(f"{i}/", 0, tarfile.DIRTYPE) for i in range(count))
+    return gzip_bytes(b"".join(blocks) + b"\0" * 1024)
+
+
+def declared_huge_member_tar_gz(declared: int = 4 << 30) -> bytes:
+    return gzip_bytes(tar_header("adapter_model.safetensors", declared) + b"\0" * 4096)
+
+
+def zip_with_huge_directory(entries: int = 30_000, name_len: int = 150) -> bytes:
+    """A zip of `entries` empty members with long names: a big central directory."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(entries):
+            zf.writestr(f"{i:0{name_len}d}", b"")
+    return buf.getvalue()
+
+
+def patch_zip_member(
+    data: bytes, member: str, *, flag_bits: int = 0, method: int | None = None
+) -> bytes:
+    """Set general-purpose flag bits or the compression method of `member` in both its local
+    header and its central directory entry."""
+    import struct
+
+    out = bytearray(data)
+    name = member.encode()
+    for sig, flag_at, method_at, name_len_at, name_at in (
+        (b"PK\x03\x04", 6, 8, 26, 30),
+        (b"PK\x01\x02", 8, 10, 28, 46),
+    ):
+        pos = out.find(sig)
+        while pos >= 0:
+            (n,) = struct.unpack_from("<H", out, pos + name_len_at)
+            if bytes(out[pos + name_at : pos + name_at + n]) == name:
+                (flags,) = struct.unpack_from("<H", out, pos + flag_at)
+                struct.pack_into("<H", out, pos + flag_at, flags | flag_bits)
+                if method is not None:
+                    struct.pack_into("<H", out, pos + method_at, method)
+            pos = out.find(sig, pos + 4)
+    return bytes(out)

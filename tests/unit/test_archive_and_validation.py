@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,12 @@ from support import adapter_archive, tar_gz_bytes, zip_bytes
 from adapters.archive import extract_archive
 from adapters.errors import AdapterTooLarge, InvalidAdapter
 from adapters.targets import LORA_TARGET_MODULES
-from adapters.validation import BaseModelSpec, validate_adapter
+from adapters.validation import (
+    ALLOWED_CONFIG_KEYS,
+    BaseModelSpec,
+    validate_adapter,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +152,95 @@ def test_adapter_for_another_base_model_is_refused(tmp_path, adapter_dirs, base_
         validate_adapter(adapter_dirs["a"], other, max_rank=16)
     assert err.value.code == "base_model_mismatch"
     assert "another base model" in str(err.value)
+
+
+# ---- issue 13: the config allow-list; what is accepted always loads in the engine --------------
+
+REDOS_KEYS = ["(?:.|.){0,20}[0-9]", "(.|.)*[0-9]", "q_proj|k_proj", ".*q_proj"]
+
+
+@pytest.mark.parametrize("key", ["alpha_pattern", "rank_pattern"])
+@pytest.mark.parametrize("pattern", REDOS_KEYS)
+def test_regex_patterns_are_refused_naming_the_key(tmp_path, adapter_dirs, base_spec, key, pattern):
+    folder = _variant(tmp_path, adapter_dirs["a"], **{key: {pattern: 8}})
+    with pytest.raises(InvalidAdapter) as err:
+        validate_adapter(folder, base_spec, max_rank=16)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "named"),
+    [
+        ({"lora_bias": True}, "unsupported_adapter", "lora_bias"),
+        ({"init_lora_weights": "pissa"}, "unsupported_adapter", "init_lora_weights"),
+        ({"init_lora_weights": "olora"}, "unsupported_adapter", "init_lora_weights"),
+        ({"layer_replication": [[0, 4]]}, "unsupported_adapter", "layer_replication"),
+        ({"use_dora": True}, "unsupported_adapter", "use_dora"),
+        ({"fan_in_fan_out": True}, "unsupported_adapter", "fan_in_fan_out"),
+        ({"modules_to_save": ["lm_head"]}, "unsupported_adapter", "modules_to_save"),
+        ({"lora_alpha": 0}, "invalid_config", "lora_alpha"),
+        ({"lora_alpha": -16}, "invalid_config", "lora_alpha"),
+        ({"lora_alpha": "16"}, "invalid_config", "lora_alpha"),
+        ({"vllm_lora_scaling_factor": 100.0}, "unsupported_config_key", "vllm_lora_scaling_factor"),
+        ({"surprise": 1}, "unsupported_config_key", "surprise"),
+        ({"rank_pattern": {"q_proj": 64}}, "rank_too_large", "rank_pattern"),
+        ({"rank_pattern": {"lm_head": 8}}, "unsupported_target_modules", "rank_pattern"),
+        ({"alpha_pattern": {"model.layers.99.self_attn.q_proj": 8}}, "invalid_config", "alpha_pattern"),
+        ({"rank_pattern": {"q_proj": 4}}, "base_model_mismatch", "q_proj"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "unexpected_tensor", "target_modules"),
+        ({"target_modules": ["(q|v)_proj"]}, "unsupported_target_modules", "target_modules"),
+    ],
+)  # fmt: skip
+def test_config_allow_list(tmp_path, adapter_dirs, base_spec, changes, code, named):
+    folder = _variant(tmp_path, adapter_dirs["a"], **changes)
+    with pytest.raises(InvalidAdapter) as err:
+        validate_adapter(folder, base_spec, max_rank=16)
+    assert err.value.code == code and named in str(err.value), err.value
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_alpha_is_refused(tmp_path, adapter_dirs, base_spec, literal):
+    folder = _variant(tmp_path, adapter_dirs["a"])
+    config = (folder / "adapter_config.json").read_text()
+    config = re.sub(r'"lora_alpha": [0-9.]+', f'"lora_alpha": {literal}', config)
+    (folder / "adapter_config.json").write_text(config)
+    with pytest.raises(InvalidAdapter) as err:
+        validate_adapter(folder, base_spec, max_rank=16)
+    assert err.value.code == "invalid_config"
+
+
+def test_tensors_on_embeddings_are_refused(tmp_path, adapter_dirs, base_spec):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = _variant(tmp_path, adapter_dirs["a"])
+    tensors = load_file(folder / "adapter_model.safetensors")
+    vocab, hidden = base_spec.shapes["model.embed_tokens.weight"]
+    tensors["base_model.model.model.embed_tokens.lora_A.weight"] = torch.zeros(8, vocab)
+    tensors["base_model.model.model.embed_tokens.lora_B.weight"] = torch.zeros(hidden, 8)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(InvalidAdapter) as err:
+        validate_adapter(folder, base_spec, max_rank=16)
+    assert err.value.code == "unsupported_target_modules" and "embed_tokens" in str(err.value)
+
+
+def test_stored_config_is_the_validated_fields_only(tmp_path, adapter_dirs, base_spec):
+    folder = _variant(
+        tmp_path,
+        adapter_dirs["a"],
+        init_lora_weights="gaussian",
+        lora_dropout=0.05,
+        peft_version="0.21.2",
+        use_rslora=True,
+        rank_pattern={"model.layers.0.self_attn.q_proj": 8},
+        alpha_pattern={"v_proj": 4},
+    )
+    info = validate_adapter(folder, base_spec, max_rank=16)
+    write_config(folder, info)
+    stored = json.loads((folder / "adapter_config.json").read_text())
+    assert set(stored) <= ALLOWED_CONFIG_KEYS
+    assert "lora_dropout" not in stored and "peft_version" not in stored
+    assert "init_lora_weights" not in stored
+    assert stored["use_rslora"] is True and stored["alpha_pattern"] == {"v_proj": 4}
+    assert stored["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 8}
+    assert validate_adapter(folder, base_spec, max_rank=16).config == stored  # a fixed point
