@@ -22,6 +22,7 @@ from adapters.usage import UsageLedger
 from adapters.validation import BaseModelSpec
 from serving import metrics
 from serving.admin_routes import router as admin_router
+from serving.admission import Admission
 from serving.auth import Authenticator, bearer_key
 from serving.base_model import default_served_name, resolve_base_model
 from serving.cache_salt import CacheSalts
@@ -100,6 +101,7 @@ async def _lifespan(app: FastAPI):
     catalog = AdapterCatalog(adapters.registry)
     usage = UsageLedger(adapters.registry)
     usage.start()
+    admission = Admission(settings)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     app.state.engine_client = engine
     app.state.tenantlora = ServerState(
@@ -123,11 +125,13 @@ async def _lifespan(app: FastAPI):
         started_at=time.time(),
         cache_salts=CacheSalts(share_base=settings.share_base_prefix_cache),
         usage=usage,
+        admission=admission,
     )
     log.info("tenantlora ready in %.1f s: base model %s", time.perf_counter() - started, base_name)
     try:
         yield
     finally:
+        await admission.flush()
         engine.shutdown()
         usage.close()
         adapters.registry.close()
