@@ -29,7 +29,9 @@ MB = 2**20
 
 def _run(scenario: str, server: str, adapters: int, tokens: int, group: str | None = None):
     records = [
-        RequestRecord(i, f"m{i}", f"t{i}", "http://x/v1", i * 0.1, 8, 16, 0.05, 1.0, 0.06, 8, tokens)
+        RequestRecord(
+            i, f"m{i}", f"t{i}", "http://x/v1", i * 0.1, 8, 16, 0.05, 1.0, 0.06, 8, tokens
+        )
         for i in range(4)
     ]
     return LoadRun(
@@ -79,9 +81,12 @@ def _results(tmp_path: Path) -> BenchResults:
         memory=MemoryResults(
             reference=Memory(900 * MB, 800 * MB, 3),
             shared=SharedMemory(
-                "tl", Memory(1000 * MB, 900 * MB, 3), Memory(1040 * MB, 940 * MB, 3), 4,
+                "tl",
+                Memory(1000 * MB, 900 * MB, 3),
+                Memory(1040 * MB, 940 * MB, 3),
+                4,
                 PerTenant(10 * MB, 10 * MB),
-            ),  # fmt: skip
+            ),
             monolithic=MonolithicMemory(1, [Memory(900 * MB, 800 * MB, 3)], 4096 * MB),
         ),
     )
