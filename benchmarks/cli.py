@@ -141,7 +141,7 @@ def peft_server_command(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `bench run|load|report|cpu-lora|peft-server` to the `tenantlora` command line."""
-    from benchmarks import cpu_lora_bench, load, report
+    from benchmarks import cpu_lora_bench, load, noisy_neighbour, report
 
     bench = subparsers.add_parser("bench", help="Load generator and serving benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -170,6 +170,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             cpu_lora_bench.__doc__,
             cpu_lora_bench.add_arguments,
             cpu_lora_bench.cli,
+        ),
+        "noisy-neighbour": (
+            "A victim tenant's latency alone and during another's flood (fair, FCFS, vllm serve)",
+            noisy_neighbour.__doc__,
+            noisy_neighbour.add_arguments,
+            noisy_neighbour.cli,
         ),
         "peft-server": (
             "The transformers + PEFT peer server (started by `bench run`)",
