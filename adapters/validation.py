@@ -171,18 +171,20 @@ def _dropout(key: str, v: Any) -> Any:
     return _DROP
 
 
-def _layers_to_transform(key: str, v: Any) -> Any:
-    values = v if isinstance(v, list) else [v]
-    if v is not None and not all(_is_int(x) and 0 <= x < 100_000 for x in values):
-        raise _bad(key, "must be null, a layer index or a list of layer indexes")
-    return _DROP
+def _none_or_each(ok: Callable[[Any], bool], why: str) -> Callable[[str, Any], Any]:
+    """Null, one value or a list of values that each pass `ok`; not stored."""
+
+    def check(key: str, v: Any) -> Any:
+        values = v if isinstance(v, list) else [v]
+        if v is not None and not all(ok(x) for x in values):
+            raise _bad(key, why)
+        return _DROP
+
+    return check
 
 
-def _layers_pattern(key: str, v: Any) -> Any:
-    values = v if isinstance(v, list) else [v]
-    if v is not None and not all(isinstance(x, str) and _PLAIN_NAME.match(x) for x in values):
-        raise _bad(key, "must be null or plain module names")
-    return _DROP
+def _plain_name(x: Any) -> bool:
+    return isinstance(x, str) and bool(_PLAIN_NAME.match(x))
 
 
 def _qalora_group_size(key: str, v: Any) -> Any:
@@ -204,7 +206,7 @@ def _auto_mapping(key: str, v: Any) -> Any:
 def _exclude_modules(key: str, v: Any) -> Any:
     if v is None or v == []:
         return _DROP
-    if isinstance(v, list) and all(isinstance(x, str) and _PLAIN_NAME.match(x) for x in v):
+    if isinstance(v, list) and all(_plain_name(x) for x in v):
         return _DROP
     raise _bad(key, "must be null or a list of plain module names (no regular expressions)")
 
@@ -224,8 +226,11 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "auto_mapping": _auto_mapping,
     "lora_dropout": _dropout,
     "init_lora_weights": _init_lora_weights,
-    "layers_to_transform": _layers_to_transform,
-    "layers_pattern": _layers_pattern,
+    "layers_to_transform": _none_or_each(
+        lambda x: _is_int(x) and 0 <= x < 100_000,
+        "must be null, a layer index or a list of layer indexes",
+    ),
+    "layers_pattern": _none_or_each(_plain_name, "must be null or plain module names"),
     "exclude_modules": _exclude_modules,
     "qalora_group_size": _qalora_group_size,
     "loftq_config": _init_only_config,

@@ -76,6 +76,28 @@ def zip_bytes(files: dict[str, bytes | Path]) -> bytes:
     return buf.getvalue()
 
 
+def adapter_files(folder: Path, **extra: bytes) -> dict[str, bytes | Path]:
+    """An adapter folder's two files (plus `extra` members) for `tar_gz_bytes` / `zip_bytes`."""
+    return {
+        "adapter_config.json": folder / "adapter_config.json",
+        "adapter_model.safetensors": folder / "adapter_model.safetensors",
+        **extra,
+    }
+
+
+def upload_archive(server, key: str, name: str, data: bytes, filename: str = "adapter.tar.gz"):
+    """POST an adapter archive to `server` as tenant `key`; the httpx response."""
+    import httpx
+
+    return httpx.post(
+        f"{server.base_url}/adapters",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"name": name},
+        files={"file": (filename, data, "application/octet-stream")},
+        timeout=300,
+    )
+
+
 def adapter_archive(folder: Path) -> bytes:
     return tar_gz_bytes(
         {

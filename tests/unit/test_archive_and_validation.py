@@ -183,6 +183,8 @@ def test_regex_patterns_are_refused_naming_the_key(tmp_path, adapter_dirs, base_
         ({"lora_alpha": "16"}, "invalid_config", "lora_alpha"),
         ({"vllm_lora_scaling_factor": 100.0}, "unsupported_config_key", "vllm_lora_scaling_factor"),
         ({"surprise": 1}, "unsupported_config_key", "surprise"),
+        ({"layers_to_transform": ["x"]}, "invalid_config", "layers_to_transform"),
+        ({"exclude_modules": ".*q_proj"}, "invalid_config", "exclude_modules"),
         ({"rank_pattern": {"q_proj": 64}}, "rank_too_large", "rank_pattern"),
         ({"rank_pattern": {"lm_head": 8}}, "unsupported_target_modules", "rank_pattern"),
         ({"alpha_pattern": {"model.layers.99.self_attn.q_proj": 8}}, "invalid_config", "alpha_pattern"),

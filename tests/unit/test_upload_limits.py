@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support import (
     adapter_archive,
+    adapter_files,
     declared_huge_member_tar_gz,
     gzip_bytes,
     long_name_bomb,
@@ -53,14 +54,6 @@ def _refused(tmp_path: Path, data: bytes, max_bytes: int = 50 * MB) -> tuple[Exc
         assert not (tmp_path / "out").exists()  # nothing left behind
 
 
-def _files(folder: Path, **extra: bytes) -> dict[str, bytes | Path]:
-    return {
-        "adapter_config.json": folder / "adapter_config.json",
-        "adapter_model.safetensors": folder / "adapter_model.safetensors",
-        **extra,
-    }
-
-
 @pytest.mark.parametrize(
     ("name", "data", "error"),
     [
@@ -82,7 +75,7 @@ def test_hostile_archives_are_refused_from_headers(tmp_path, name, data, error):
 
 def test_ignored_files_count_against_the_limit_and_are_not_inflated(tmp_path, adapter_dirs):
     readme = b"\0" * (60 * MB)  # compresses to ~60 kB
-    data = tar_gz_bytes(_files(adapter_dirs["a"], **{"README.md": readme}))
+    data = tar_gz_bytes(adapter_files(adapter_dirs["a"], **{"README.md": readme}))
     err, seconds, peak = _refused(tmp_path, data, max_bytes=50 * MB)
     assert err.code == "adapter_too_large"
     assert peak < 4 * MB
@@ -92,7 +85,7 @@ def test_ignored_files_count_against_the_limit_and_are_not_inflated(tmp_path, ad
 def test_only_gzip_tar_and_zip(tmp_path, adapter_dirs, fmt):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=f"w:{fmt}") as tf:
-        for name, path in _files(adapter_dirs["a"]).items():
+        for name, path in adapter_files(adapter_dirs["a"]).items():
             tf.add(path, arcname=name)
     err, _, _ = _refused(tmp_path, buf.getvalue())
     assert err.code == "invalid_archive" and fmt.replace("bz2", "bzip2") in str(err)
@@ -117,7 +110,7 @@ def test_duplicate_names_are_refused(tmp_path, adapter_dirs):
 
 def test_corrupt_archives_are_invalid_archive(tmp_path, adapter_dirs):
     good_tar = adapter_archive(adapter_dirs["a"])
-    good_zip = zip_bytes(_files(adapter_dirs["a"]))
+    good_zip = zip_bytes(adapter_files(adapter_dirs["a"]))
     weights_at = good_zip.find(b"adapter_model.safetensors") + 200
     bad_crc = bytearray(good_zip)
     bad_crc[weights_at] ^= 0xFF
@@ -137,7 +130,7 @@ def test_corrupt_archives_are_invalid_archive(tmp_path, adapter_dirs):
 
 def test_legitimate_long_names_and_folders_still_extract(tmp_path, adapter_dirs):
     folder = "x" * 150  # needs a GNU long-name record (tarfile's default format)
-    data = tar_gz_bytes({f"{folder}/{k}": v for k, v in _files(adapter_dirs["a"]).items()})
+    data = tar_gz_bytes({f"{folder}/{k}": v for k, v in adapter_files(adapter_dirs["a"]).items()})
     out = extract_archive(io.BytesIO(data), tmp_path / "out", 50 * MB)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
@@ -145,7 +138,7 @@ def test_legitimate_long_names_and_folders_still_extract(tmp_path, adapter_dirs)
     ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
-        for name, path in _files(adapter_dirs["a"]).items():
+        for name, path in adapter_files(adapter_dirs["a"]).items():
             tf.add(path, arcname=f"{'é' * 120}/{name}")  # pax path records
     extract_archive(io.BytesIO(buf.getvalue()), tmp_path / "out2", 50 * MB)
 
