@@ -7,12 +7,12 @@ import asyncio
 import itertools
 import time
 import uuid
-from dataclasses import dataclass
 
 import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from adapters.registry import Tenant
 from serving.admission import Admission, request_size
 from serving.errors import APIError
 from serving.rate_limits import duration
@@ -34,23 +34,9 @@ def storage(request) -> str:
     return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
-@dataclass
-class FakeTenant:
-    """What admission reads from adapters.registry.Tenant."""
-
-    id: int
-    name: str
-    max_concurrent: int | None = None
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_n: int | None = None
-    max_prompts: int | None = None
-    weight: float | None = None
-
-
-def tenant(**limits) -> FakeTenant:
+def tenant(**limits) -> Tenant:
     tid = next(_ids)
-    return FakeTenant(tid, f"t{tid}", **limits)
+    return Tenant(tid, f"t{tid}", 64, 2**30, time.time(), **limits)
 
 
 def chat(max_tokens: int = 10, n: int = 1, text: str = "hello there") -> ChatCompletionRequest:

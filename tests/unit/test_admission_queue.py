@@ -74,29 +74,23 @@ async def test_first_come_first_served_when_fairness_is_off():
     assert rec.order == ["a0", "a1", "a2", "a3", "b0"]
 
 
-async def test_weights_share_slots_in_proportion():
+@pytest.mark.parametrize(
+    ("first", "second", "slots", "first_share"),
+    [
+        ({"weight": 2.0}, {"weight": 1.0}, 30, 20),  # slots 2:1 by weight
+        ({"cost": 1.0}, {"cost": 4.0}, 10, 8),  # four small requests for each big one
+    ],
+)
+async def test_backlogged_tenants_share_in_proportion(first, second, slots, first_share):
     queue = FairQueue(capacity=1, max_waiting=100)
     rec = Recorder(queue)
     await rec.add("hold", "x")
-    for i in range(30):
-        await rec.add(f"a{i}", "a", weight=2.0)
-        await rec.add(f"b{i}", "b", weight=1.0)
-    await rec.serve(30)
+    for i in range(slots):
+        await rec.add(f"a{i}", "a", **first)
+        await rec.add(f"b{i}", "b", **second)
+    await rec.serve(slots)
     served = rec.order[1:]
-    a = sum(1 for label in served if label.startswith("a"))
-    assert a == 20, served  # 2:1 over 30 slots
-
-
-async def test_larger_requests_cost_more_of_the_share():
-    queue = FairQueue(capacity=1, max_waiting=100)
-    rec = Recorder(queue)
-    await rec.add("hold", "x")
-    for i in range(10):
-        await rec.add(f"big{i}", "big", cost=4.0)
-        await rec.add(f"small{i}", "small", cost=1.0)
-    await rec.serve(10)
-    small = sum(1 for label in rec.order[1:] if label.startswith("small"))
-    assert small == 8, rec.order  # four small requests for each big one
+    assert sum(1 for label in served if label.startswith("a")) == first_share, served
 
 
 async def test_cancelled_waiter_leaves_the_queue():
