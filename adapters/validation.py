@@ -324,8 +324,7 @@ def _pattern(key: str, v: Any, value: Callable[[str, Any], Any]) -> dict[str, An
 
 def _check_config(config: dict, max_rank: int) -> dict[str, Any]:
     """Validate every key; return the config to store."""
-    if "peft_type" not in config:
-        _peft_type("peft_type", None)
+    _peft_type("peft_type", config.get("peft_type"))  # another PEFT method: say so first
     unknown = sorted(k for k in config if k not in ALLOWED_CONFIG_KEYS)
     if unknown:
         raise InvalidAdapter(
