@@ -26,6 +26,7 @@ from serving.errors import APIError, error_response, model_not_found
 from serving.json_body import SCOPE_KEY, is_json
 from serving.lease import CLIENT_CLOSED, LeasedStreamingResponse, RequestLease, current_lease
 from serving.state import ServerState, server_state
+from serving.vllm_compat.messages import rewrite_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -54,7 +55,7 @@ async def list_models(
                 "id": adapter.name,
                 "object": "model",
                 "created": int(adapter.created_at),
-                "owned_by": "you" if adapter.tenant_id == caller.tenant.id else "tenantlora",
+                "owned_by": adapter.tenant_name,  # the caller itself, or `public` (static)
                 "root": adapter.pinned_name,
                 "parent": state.base_name,
                 "version": adapter.version,
@@ -176,7 +177,7 @@ def _engine_error(lease: RequestLease, error: ErrorResponse) -> JSONResponse:
     that it failed and a reference; its details go to the server log."""
     info = error.error
     lease.release(info.code)
-    message = info.message
+    message = rewrite_message(info.message)  # no vLLM flag names
     if info.param == "input_tokens":
         code = "context_length_exceeded"
     elif info.code < 500 and info.param:
