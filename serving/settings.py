@@ -176,10 +176,29 @@ class Settings(BaseSettings):
         "(`path=`); env: a JSON list. Empty: folder registration is refused.",
     )
     max_concurrent_uploads: int = Field(
-        2, ge=1, description="Adapter uploads one tenant may run at once (429 past it)."
+        4, ge=1, description="Adapter uploads one tenant may run at once (429 past it)."
     )
     hub_timeout_seconds: float = Field(
         300.0, gt=0, description="Longest a `hub_id=` registration may take to download."
+    )
+
+    # ---- tool calling and reasoning (serving/vllm_compat/serving.py, issue 15)
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser for the base model's output format (e.g. `hermes` "
+        'for ChatML/Hermes-style `<tool_call>` JSON). Set: `tool_choice` "auto", "required" and '
+        "named tools work; unset: requests with tools must use `tool_choice` none.",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM reasoning parser (e.g. `deepseek_r1`, `qwen3`): splits the model's "
+        "thinking into `reasoning_content`. Unset: the whole output is the answer.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template (a Jinja file or the template itself) instead of the base "
+        "model's own; for a model whose template does not render `tools`. Applies to every "
+        "adapter (adapters share the base tokenizer).",
     )
 
     @property
