@@ -36,6 +36,7 @@ from serving.state import ServerState, server_state
 from serving.tenant_routes import router as tenant_router
 from serving.vllm_compat import check_vllm
 from serving.vllm_compat.serving import build_serving
+from serving.vllm_routes import router as vllm_router
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ async def _lifespan(app: FastAPI):
         log.info("static adapter %s -> %s", name, version.pinned_name)
     engine = metrics.ObservedEngine(start_engine(settings, base_path, base_name))
     lifecycle = AdapterLifecycle(engine, on_load=metrics.observe_load)
-    models, chat, completion = build_serving(engine, base_name)
+    models, chat, completion = build_serving(engine, base_name, settings)
     catalog = AdapterCatalog(adapters.registry)
     usage = UsageLedger(adapters.registry)
     usage.start()
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(tenant_router)
+    app.include_router(vllm_router)
 
     @app.get("/health")
     async def health(state: ServerState = Depends(server_state)) -> JSONResponse:
