@@ -141,7 +141,7 @@ def peft_server_command(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `bench run|load|report|cpu-lora|peft-server` to the `tenantlora` command line."""
-    from benchmarks import cpu_lora_bench, load, noisy_neighbour, report
+    from benchmarks import cpu_lora_bench, load, noisy_neighbour, overhead, report
 
     bench = subparsers.add_parser("bench", help="Load generator and serving benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -176,6 +176,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             noisy_neighbour.__doc__,
             noisy_neighbour.add_arguments,
             noisy_neighbour.cli,
+        ),
+        "overhead": (
+            "The tenant layer's cost: tenantlora (SQLite, PostgreSQL) vs vllm serve, base only",
+            overhead.__doc__,
+            overhead.add_arguments,
+            overhead.cli,
         ),
         "peft-server": (
             "The transformers + PEFT peer server (started by `bench run`)",

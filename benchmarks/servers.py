@@ -140,7 +140,10 @@ class Server:
                     )
                 try:
                     if client.get(self.root_url + "/health").status_code == 200:
-                        models = client.get(self.base_url + "/models").json()["data"]
+                        listing = client.get(self.base_url + "/models")
+                        # A server that needs a key (401) is up; its base name is known already.
+                        closed = listing.status_code == 401 and self.base_model_name
+                        models = ["closed"] if closed else listing.json()["data"]
                         if models:
                             self.ready_s = time.perf_counter() - self.spawned_at
                             if not self.base_model_name:

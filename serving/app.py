@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from adapters.catalog import AdapterCatalog
 from adapters.keys import keys_equal
 from adapters.registry import Registry
+from adapters.s3_watch import start_s3_watch
 from adapters.service import AdapterService
 from adapters.store import AdapterStore
 from adapters.usage import UsageLedger
@@ -96,11 +97,12 @@ async def _lifespan(app: FastAPI):
     for name, folder in parse_static_loras(settings.loras):
         version = adapters.ensure_static(name, folder)
         log.info("static adapter %s -> %s", name, version.pinned_name)
+    start_s3_watch(settings, adapters)  # watched S3 prefixes, a daemon thread (issue 15)
     engine = metrics.ObservedEngine(start_engine(settings, base_path, base_name))
     lifecycle = AdapterLifecycle(engine, on_load=metrics.observe_load)
     models, chat, completion = build_serving(engine, base_name, settings)
     catalog = AdapterCatalog(adapters.registry)
-    usage = UsageLedger(adapters.registry)
+    usage = UsageLedger(adapters.registry, settings.usage_flush_seconds)
     usage.start()
     admission = Admission(settings)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None

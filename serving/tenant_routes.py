@@ -23,6 +23,7 @@ from adapters.keys import ApiKey
 from adapters.names import NAME_PATTERN
 from adapters.registry import PUBLIC_TENANT, TENANT_LIMITS, Tenant, UsageRow
 from adapters.usage import utc_today
+from serving import metrics
 from serving.admin_routes import retire_in_background
 from serving.auth import current_tenant, is_admin_request, require_admin
 from serving.errors import APIError
@@ -179,6 +180,9 @@ async def delete_tenant(name: str, state: ServerState = Depends(server_state)) -
     versions = await run_in_threadpool(state.adapters.registry.delete_tenant, tenant)
     state.invalidate_caches()
     retire_in_background(state, versions)
+    metrics.forget_tenant(name)
+    if state.admission is not None:
+        state.admission.forget_tenant(name)
     log.info("deleted tenant %s (%d adapter versions)", name, len(versions))
     return {
         "object": "tenant.deleted",
