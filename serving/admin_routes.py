@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,7 +13,16 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from adapters.errors import NotFound, SourceNotAllowed
 from adapters.registry import AdapterVersion, Tenant
-from adapters.sources import fetch_hub_adapter, resolve_allowed_folder
+from adapters.s3 import S3Config
+from adapters.sources import (
+    AdapterSource,
+    ArchiveSource,
+    FolderSource,
+    HubSource,
+    SourceRules,
+    register_from,
+    source_for,
+)
 from serving import metrics
 from serving.auth import current_tenant, is_admin_request, require_writer
 from serving.errors import APIError
@@ -46,9 +53,10 @@ async def upload_adapter(
     tenant: Tenant = Depends(current_tenant),
     state: ServerState = Depends(server_state),
 ) -> dict:
-    """Multipart form: `name` and `file` (a .tar.gz or .zip of a PEFT adapter). The admin may send
-    `path` (a folder under `adapter_roots`) or `hub_id` (and `revision`) instead of `file`, and
-    `tenant` to act for one. A tenant's quota and concurrent-upload limit are checked before the
+    """Multipart form (or a JSON object): `name` and `file` (a .tar.gz or .zip of a PEFT adapter),
+    or `uri` (`s3://bucket/prefix` under `s3_allowed_prefixes`; for the admin also `hf://` and
+    server folders). The admin may send `path` (a folder under `adapter_roots`) or `hub_id`
+    (and `revision`) instead of `file`, and `tenant` to act for one. A tenant's quota and concurrent-upload limit are checked before the
     body is read (serving/uploads.py)."""
     settings = state.settings
     admin = is_admin_request(request, state)
@@ -74,53 +82,45 @@ async def _register_from_form(
     if not isinstance(name, str) or not name:
         raise APIError(400, "Form field `name` is required.", "missing_name", "name")
     owner = await _owner(request, state, tenant, _str(form.get("tenant")))
-    upload, folder, hub_id = form.get("file"), _str(form.get("path")), _str(form.get("hub_id"))
-    service = state.adapters
-    if isinstance(upload, StarletteUpload):
-        return await run_in_threadpool(service.register_archive, owner, name, upload.file)
-    if not (folder or hub_id):
-        raise APIError(
-            400, "Form field `file` (the adapter archive) is required.", "missing_file", "file"
-        )
-    if not admin:
-        raise APIError(
-            403, "Only the admin may register server-side folders or hub ids.", "admin_required"
-        )
+    param = "uri"
     try:
-        if folder:
-            source = await run_in_threadpool(
-                resolve_allowed_folder, folder, state.settings.adapter_roots
+        source, param = _form_source(state, owner, form)
+        if source.admin_only and not admin:
+            raise APIError(
+                403, "Only the admin may register server-side folders or hub ids.", "admin_required"
             )
-            return await run_in_threadpool(service.register_folder, owner, name, source)
-        snapshot, repo = await _fetch_hub_adapter(state, hub_id, _str(form.get("revision")))
-        return await run_in_threadpool(
-            functools.partial(
-                service.register_folder, owner, name, snapshot, f"hub:{hub_id}", links_within=repo
-            )
-        )
+        return await run_in_threadpool(register_from, state.adapters, owner, name, source)
     except SourceNotAllowed as exc:
-        raise APIError(403, str(exc), exc.code, "path") from exc
+        raise APIError(403, str(exc), exc.code, param) from exc
+
+
+def _form_source(state: ServerState, owner: Tenant, form: FormData) -> tuple[AdapterSource, str]:
+    """The source the form names (adapters/sources.py) and the field that named it: `file` (an
+    archive), `uri` (s3://, hf://, file://), `path` (a server folder) or `hub_id`."""
+    upload, uri = form.get("file"), _str(form.get("uri"))
+    folder, hub_id = _str(form.get("path")), _str(form.get("hub_id"))
+    settings = state.settings
+    if isinstance(upload, StarletteUpload):
+        return ArchiveSource(upload.file), "file"
+    rules = SourceRules(
+        settings.adapter_roots, settings.hub_timeout_seconds, S3Config.from_settings(settings)
+    )
+    if uri:
+        return source_for(uri, rules, owner.name), "uri"
+    if folder:
+        return FolderSource(folder, rules.adapter_roots), "path"
+    if hub_id:
+        return HubSource(hub_id, _str(form.get("revision")), timeout=rules.hub_timeout), "hub_id"
+    raise APIError(
+        400,
+        "Form field `file` (the adapter archive) or `uri` (e.g. s3://bucket/prefix) is required.",
+        "missing_file",
+        "file",
+    )
 
 
 def _str(value) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-async def _fetch_hub_adapter(
-    state: ServerState, hub_id: str, revision: str | None
-) -> tuple[Path, Path]:
-    """The hub download in a worker thread, bounded by `hub_timeout_seconds` (the thread may
-    finish later into the hub cache; its result is then dropped)."""
-    timeout = state.settings.hub_timeout_seconds
-    fetch = functools.partial(
-        fetch_hub_adapter, hub_id, revision, max_bytes=state.settings.max_adapter_bytes
-    )
-    try:
-        return await asyncio.wait_for(run_in_threadpool(fetch), timeout)
-    except TimeoutError as exc:
-        raise APIError(
-            400, f"Fetching `{hub_id}` from the hub took over {timeout:g} s.", "hub_fetch_failed"
-        ) from exc
 
 
 @router.get("/v1/adapters")

@@ -201,6 +201,36 @@ class Settings(BaseSettings):
         "adapter (adapters share the base tokenizer).",
     )
 
+    # ---- adapter sources: S3-compatible object storage (adapters/s3.py, s3_watch.py, issue 15)
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2, moto...); unset: AWS S3. Only the "
+        "server sets it: tenants name a bucket and prefix, never an address.",
+    )
+    s3_region: str | None = Field(None, description="S3 region (unset: boto3's default).")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key id (unset: boto3's credential chain)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    s3_allowed_prefixes: list[str] = Field(
+        default_factory=list,
+        description="`s3://bucket/prefix/` folders under which adapters may be registered by "
+        "`uri=`; `{tenant}` stands for the caller's tenant name (e.g. "
+        "`s3://adapters/{tenant}/`); env: a JSON list. Empty: S3 registration is refused.",
+    )
+    s3_timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest an `s3://` registration may take to download."
+    )
+    s3_watch: list[str] = Field(
+        default_factory=list,
+        description="Watched prefixes `TENANT=s3://bucket/prefix/`: each new folder "
+        "`prefix/<adapter>/<version-folder>/` becomes the tenant's next version of <adapter>; "
+        "env: a JSON list.",
+    )
+    s3_watch_seconds: float = Field(
+        60.0, gt=0, description="Seconds between two polls of the watched S3 prefixes."
+    )
+
     @property
     def requires_auth(self) -> bool:
         return self.admin_key is not None if self.auth_required is None else self.auth_required

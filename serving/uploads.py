@@ -17,6 +17,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.errors import AdapterTooLarge
 from serving.errors import APIError
+from serving.json_body import SCOPE_KEY, is_json
 
 FORM_OVERHEAD_BYTES = 1 << 20  # multipart headers and the small fields beside the file
 UPLOAD_RETRY_AFTER_SECONDS = 5
@@ -70,11 +71,19 @@ async def _bounded_body(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 
 async def read_upload_form(request: Request, max_adapter_bytes: int) -> FormData:
-    """Parse the multipart body, refusing it once more than the limit has arrived."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    """Parse the multipart body, refusing it once more than the limit has arrived. A JSON object
+    of string fields (`name`, `uri`, `tenant`...; no `file`) is read as the same form."""
+    content_type = request.headers.get("content-type", "")
+    if is_json(request.scope):
+        body = request.scope.get(SCOPE_KEY)  # parsed and bounded by the JsonBodyLimit middleware
+        if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+            raise APIError(400, "The JSON body must be an object of string fields.", "invalid_form")
+        return FormData(body.items())
+    if not content_type.startswith("multipart/form-data"):
         raise APIError(
             415,
-            "Send the adapter as multipart/form-data (fields `name`, `file`).",
+            "Send the adapter as multipart/form-data (fields `name`, `file`), or a JSON object "
+            "with `name` and `uri`.",
             "unsupported_media_type",
         )
     limit = max_adapter_bytes + FORM_OVERHEAD_BYTES

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from services import ensure_postgres, ensure_redis  # noqa: E402
+from services import ensure_postgres, ensure_redis, ensure_s3  # noqa: E402
 from support import make_random_adapters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,20 @@ def redis_url():
     yield service.url
     if service.stop is not None:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto, tests/services.py) for the session, with credentials
+    it checks."""
+    service = ensure_s3()
+    yield service
+    service.stop()
+
+
+# What the session server may fetch from S3 (tests/e2e/test_sources_s3.py).
+S3_BUCKET = "tl-adapters"
+S3_WATCH = f"watcher=s3://{S3_BUCKET}/watched/"
 
 
 @pytest.fixture(scope="session")
@@ -172,9 +186,9 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def live_server(base_model_path, adapter_dirs, tmp_path_factory):
+def live_server(base_model_path, adapter_dirs, tmp_path_factory, s3_server):
     """One real server for the whole session: static adapters a and b; max_loras=2, so tests
-    that use more adapters exercise vLLM's swapping."""
+    that use more adapters exercise vLLM's swapping; S3 sources on the session's S3 server."""
     data_dir = tmp_path_factory.mktemp("server-data")
     log_path = data_dir / "server.log"
     server = ServerProcess(
@@ -192,6 +206,11 @@ def live_server(base_model_path, adapter_dirs, tmp_path_factory):
         ],
         log_path,
     )  # fmt: skip
+    server.env.update(
+        s3_server.server_env(
+            allowed_prefixes=[f"s3://{S3_BUCKET}/{{tenant}}/"], watch=[S3_WATCH], watch_seconds=1
+        )
+    )
     server.start()
     yield server
     server.stop()

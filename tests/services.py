@@ -8,6 +8,7 @@ the session started, and only that."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -74,3 +75,70 @@ def _start_private(name: str, script_name: str, root_var: str, port_var: str) ->
         shutil.rmtree(root, ignore_errors=True)
 
     return RunningService(name, done.stdout.strip().splitlines()[-1], stop)
+
+
+@dataclass
+class S3Service(RunningService):
+    """A local S3-compatible server (moto) that checks credentials: `access_key_id` /
+    `secret_access_key` belong to an IAM user allowed every S3 action; any other key is refused
+    (403), as a real object store would."""
+
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    region: str = "us-east-1"
+
+    def client(self, secret: str | None = None):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=secret or self.secret_access_key,
+        )
+
+    def server_env(self, **settings: object) -> dict[str, str]:
+        """TENANTLORA_S3_* for a server that uses this store; `settings` add s3_* fields (lists
+        and other non-strings as JSON)."""
+        env = {
+            "TENANTLORA_S3_ENDPOINT_URL": self.url,
+            "TENANTLORA_S3_REGION": self.region,
+            "TENANTLORA_S3_ACCESS_KEY_ID": self.access_key_id,
+            "TENANTLORA_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+        for key, value in settings.items():
+            env[f"TENANTLORA_S3_{key.upper()}"] = (
+                value if isinstance(value, str) else json.dumps(value)
+            )
+        return env
+
+
+def ensure_s3() -> S3Service:
+    """moto's S3 server in a thread of this process on a free port, with one IAM user whose
+    key the tests use; authentication is enforced once the user exists."""
+    import boto3
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
+    iam.create_user(UserName="tenantlora")
+    key = iam.create_access_key(UserName="tenantlora")["AccessKey"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+    }
+    arn = iam.create_policy(PolicyName="s3-all", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+    iam.attach_user_policy(UserName="tenantlora", PolicyArn=arn)
+    httpx.post(f"{url}/moto-api/reset-auth", content=b"0").raise_for_status()
+    return S3Service("s3", url, server.stop, key["AccessKeyId"], key["SecretAccessKey"])
