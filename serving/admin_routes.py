@@ -127,19 +127,20 @@ def _str(value) -> str | None:
 async def list_adapters(
     tenant: Tenant = Depends(current_tenant), state: ServerState = Depends(server_state)
 ) -> dict:
-    return {"object": "list", "data": [a.public_dict() for a in state.catalog.visible(tenant)]}
+    visible = await run_in_threadpool(state.catalog.visible, tenant)
+    return {"object": "list", "data": [a.public_dict() for a in visible]}
 
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(
     name: str, tenant: Tenant = Depends(current_tenant), state: ServerState = Depends(server_state)
 ) -> dict:
-    adapter = state.catalog.resolve(tenant, name)
+    adapter = await state.resolver.find_adapter(tenant, name)
     if adapter is None:
         raise APIError(404, f"Adapter `{name}` does not exist.", "adapter_not_found")
     versions = [
         a.public_dict()
-        for a in state.catalog.visible(tenant)
+        for a in await run_in_threadpool(state.catalog.visible, tenant)
         if a.name == adapter.name and a.tenant_id == adapter.tenant_id
     ]
     return {**adapter.public_dict(), "versions": versions}
@@ -156,7 +157,7 @@ async def delete_adapter(
     if owner.is_public and not is_admin_request(request, state):
         raise APIError(404, f"Adapter `{name}` does not exist.", "adapter_not_found")
     try:
-        removed = state.adapters.delete(owner, name)
+        removed = await run_in_threadpool(state.adapters.delete, owner, name)
     except NotFound as exc:
         raise APIError(404, f"Adapter `{name}` does not exist.", "adapter_not_found") from exc
     retire_in_background(state, removed)
