@@ -7,8 +7,10 @@ engine never reads a value we did not check (`rank_pattern` / `alpha_pattern` ke
 runs as regular expressions, must be plain module names). Every tensor must be a LoRA A or B
 matrix on one of the supported target modules (`adapters.targets`) that exists in the base
 model, with the shape that module's weight and the adapter's rank imply, in a float dtype and
-with finite values. The base model is described by the names and shapes of its weights, read
-from the safetensors headers of its checkpoint (no weights are loaded)."""
+with finite values. The base model is described by the names and shapes of its projections,
+computed from its config.json (`BaseModelSpec.from_config`), so a quantized base (packed
+weights) validates like a full-precision one; the checkpoint's safetensors headers cross-check
+the config where the weights are plain (no weights are loaded)."""
 
 from __future__ import annotations
 
@@ -60,6 +62,68 @@ class BaseModelSpec:
                 for key in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                     shapes[key] = tuple(fh.get_slice(key).get_shape())
         return cls(name=name, shapes=shapes)
+
+    @classmethod
+    def from_config(cls, name: str, folder: Path) -> BaseModelSpec:
+        """Shapes of the seven projections (`adapters.targets`) of a Llama-style decoder,
+        computed from `config.json` (hidden size, heads, kv heads, head dim, intermediate size,
+        layers), so they hold for any checkpoint vLLM loads: a quantized one packs its weights
+        (GPTQ/AWQ `qweight`, bitsandbytes, FP8 with scales), and its tensor shapes say nothing
+        about what an adapter must fit. Raises ValueError when the config lacks a field."""
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config") or config  # multimodal wrappers nest the decoder
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = int(config.get("head_dim") or hidden // heads)
+            intermediate, layers = (
+                int(config["intermediate_size"]),
+                int(config["num_hidden_layers"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"config.json of {name} lacks a decoder size field: {exc}") from exc
+        per_layer = {
+            "self_attn.q_proj": (heads * head_dim, hidden),
+            "self_attn.k_proj": (kv_heads * head_dim, hidden),
+            "self_attn.v_proj": (kv_heads * head_dim, hidden),
+            "self_attn.o_proj": (hidden, heads * head_dim),
+            "mlp.gate_proj": (intermediate, hidden),
+            "mlp.up_proj": (intermediate, hidden),
+            "mlp.down_proj": (hidden, intermediate),
+        }
+        shapes = {
+            f"model.layers.{i}.{module}.weight": shape
+            for i in range(layers)
+            for module, shape in per_layer.items()
+        }
+        return cls(name=name, shapes=shapes)
+
+    @classmethod
+    def for_base(cls, name: str, folder: Path) -> BaseModelSpec:
+        """The spec the server validates against. A quantized checkpoint (`quantization_config`
+        in its config): from the config. A plain one: the config's shapes, cross-checked with
+        the checkpoint's (a mismatch stops the start-up); the checkpoint's own when the config
+        does not describe a Llama-style decoder (other module names or size fields)."""
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if "quantization_config" in config or "quantization_config" in config.get(
+            "text_config", {}
+        ):
+            return cls.from_config(name, folder)
+        plain = cls.from_checkpoint(name, folder)
+        try:
+            spec = cls.from_config(name, folder)
+        except ValueError:
+            return plain
+        if not spec.shapes.keys() <= plain.shapes.keys():
+            return plain  # another module layout than the Llama family's
+        wrong = [k for k, v in spec.shapes.items() if plain.shapes[k] != v]
+        if wrong:
+            raise ValueError(
+                f"{name}: config.json does not match the checkpoint for {wrong[0]} "
+                f"({spec.shapes[wrong[0]]} vs {plain.shapes[wrong[0]]})"
+            )
+        return spec
 
     def linear_shape(self, module: str) -> tuple[int, int] | None:
         shape = self.shapes.get(f"{module}.weight")

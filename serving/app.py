@@ -59,7 +59,7 @@ def build_adapter_service(settings: Settings, base_name: str, base_path: Path) -
     if (public.max_adapters, public.max_bytes) != tuple(quotas.values()):
         registry.update_tenant(public, **quotas)  # `public` has the normal quotas, no more
     store = AdapterStore(settings.store_dir)
-    spec = BaseModelSpec.from_checkpoint(base_name, base_path)
+    spec = BaseModelSpec.for_base(base_name, base_path)  # shapes from config.json (issue 15)
     return AdapterService(
         registry,
         store,
