@@ -13,7 +13,6 @@ Request and response shapes are vLLM's. What they do is tenantlora's:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -121,10 +120,7 @@ async def tokenize(
     caller: Caller = Depends(current_caller),
     state: ServerState = Depends(server_state),
 ) -> Response:
-    serving = tokenization(raw_request, state)
-    return await _run(
-        state, caller, body, "tokenize", lambda: serving.create_tokenize(body, raw_request)
-    )
+    return await _tokenization_call(state, caller, body, raw_request, "tokenize")
 
 
 @router.post("/detokenize")
@@ -135,10 +131,7 @@ async def detokenize(
     caller: Caller = Depends(current_caller),
     state: ServerState = Depends(server_state),
 ) -> Response:
-    serving = tokenization(raw_request, state)
-    return await _run(
-        state, caller, body, "detokenize", lambda: serving.create_detokenize(body, raw_request)
-    )
+    return await _tokenization_call(state, caller, body, raw_request, "detokenize")
 
 
 def tokenization(request: Request, state: ServerState) -> TenantServingTokenization:
@@ -150,11 +143,12 @@ def tokenization(request: Request, state: ServerState) -> TenantServingTokenizat
     return serving
 
 
-async def _run(
-    state: ServerState, caller: Caller, body: Any, route: str, call: Callable[[], Any]
+async def _tokenization_call(
+    state: ServerState, caller: Caller, body: Any, raw_request: Request, route: str
 ) -> Response:
     """Resolve the model for the tenant (the same 404 as the OpenAI routes), then run vLLM's
-    handler with the resolved adapter in the lease; errors in our shape."""
+    `create_<route>` with the resolved adapter in the lease; errors in our shape."""
+    call = getattr(tokenization(raw_request, state), f"create_{route}")
     lease = RequestLease(caller.tenant, route)  # metrics only: no usage, no admission
     try:
         resolved = await state.resolver.resolve(caller.tenant, body.model)
@@ -162,7 +156,7 @@ async def _run(
             raise model_not_found(body.model or "")
         lease.resolved = resolved
         current_lease.set(lease)
-        result = await call()
+        result = await call(body, raw_request)
     except APIError as exc:
         lease.release(exc.status)
         raise

@@ -2,7 +2,8 @@
 work with.
 
 - `serving.vllm_compat.serving`: vLLM's OpenAI serving classes with the adapter taken from our
-  tenant resolver (overrides `_check_model` and `_maybe_get_adapters`);
+  tenant resolver (overrides `_check_model` and `_maybe_get_adapters`; chat, completion and
+  tokenization);
 - `serving.vllm_compat.patches`: the no-adapter fix for vLLM's CPU LoRA ops (a general plugin);
 - `serving.cpu_lora`: the grouped CPU LoRA ops plugin (punica wrapper selection, `from_layer`).
 
@@ -22,6 +23,7 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
     ("vllm.entrypoints.serve.engine.serving", "BaseServing._maybe_get_adapters"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.model_name"),
+    ("vllm.entrypoints.serve.tokenize.serving", "ServingTokenization._maybe_get_adapters"),
     ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink"),
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_shrink"),
     ("vllm.lora.utils", "from_layer"),
