@@ -14,6 +14,7 @@ worker thread (the routes do)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -83,28 +84,15 @@ class S3Config:
         )
 
     def client(self) -> Any:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError as exc:
-            raise SourceNotAllowed(
-                "S3 sources need boto3 on the server (pip install 'tenantlora[s3]')"
-            ) from exc
-
+        """A boto3 client for these settings, made once and shared (boto3 clients are
+        thread-safe; making one costs ~100 ms of CPU that would stall the event loop)."""
         secret = self.secret_access_key
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id=self.access_key_id.get_secret_value() if self.access_key_id else None,
-            aws_secret_access_key=secret.get_secret_value() if secret else None,
-            config=Config(
-                connect_timeout=min(self.timeout, 10),
-                read_timeout=min(self.timeout, 60),
-                retries={"max_attempts": 2},
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-            ),
+        return _client(
+            self.endpoint_url,
+            self.region,
+            self.access_key_id.get_secret_value() if self.access_key_id else None,
+            secret.get_secret_value() if secret else None,
+            self.timeout,
         )
 
     def allows(self, uri: str, tenant_name: str) -> bool:
@@ -114,6 +102,37 @@ class S3Config:
             if uri.startswith(allowed if allowed.endswith("/") else allowed + "/"):
                 return True
         return False
+
+
+@functools.lru_cache(maxsize=8)
+def _client(
+    endpoint_url: str | None,
+    region: str | None,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    timeout: float,
+) -> Any:
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:
+        raise SourceNotAllowed(
+            "S3 sources need boto3 on the server (pip install 'tenantlora[s3]')"
+        ) from exc
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(
+            connect_timeout=min(timeout, 10),
+            read_timeout=min(timeout, 60),
+            retries={"max_attempts": 2},
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        ),
+    )
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -78,22 +78,21 @@ class S3Watcher:
     def poll(self) -> int:
         """One pass over every watched prefix; return how many versions it registered."""
         registered = 0
-        client = None
         for watch in self.watched:
             try:
-                client = client or self.config.client()
-                registered += self._poll_one(client, watch)
+                registered += self._poll_one(watch)
             except Exception as exc:  # noqa: BLE001 - a background loop: log and go on
                 if hasattr(exc, "response"):
                     exc = translate_error(exc, f"s3://{watch.bucket}/{watch.prefix}")
                 log.warning("S3 watch of s3://%s/%s: %s", watch.bucket, watch.prefix, exc)
         return registered
 
-    def _poll_one(self, client, watch: WatchedPrefix) -> int:
+    def _poll_one(self, watch: WatchedPrefix) -> int:
         tenant = self.service.registry.tenant_by_name(watch.tenant)
         if tenant is None:
-            log.warning("S3 watch: tenant %r does not exist (yet)", watch.tenant)
+            log.debug("S3 watch: tenant %r does not exist (yet)", watch.tenant)
             return 0
+        client = self.config.client()
         registered = 0
         for adapter_prefix in _folders(client, watch.bucket, watch.prefix):
             name = adapter_prefix[len(watch.prefix) :].rstrip("/")
