@@ -28,6 +28,7 @@ from serving.auth import Authenticator, bearer_key
 from serving.base_model import default_served_name, resolve_base_model
 from serving.cache_salt import CacheSalts
 from serving.engine import AdapterLifecycle, start_engine
+from serving.engine_headers import DropEngineControlHeaders
 from serving.errors import APIError, install_error_handlers
 from serving.json_body import JsonBodyLimit
 from serving.openai_routes import router as openai_router
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         JsonBodyLimit, max_bytes=settings.max_request_bytes, max_depth=settings.max_json_depth
     )
+    app.add_middleware(DropEngineControlHeaders)
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(tenant_router)

@@ -53,6 +53,8 @@ def engine_kwargs(
     )
     if served_name:
         kwargs["served_model_name"] = [served_name]
+    if settings.reasoning_parser:  # the engine needs it too (thinking budgets, structured output)
+        kwargs["reasoning_parser"] = settings.reasoning_parser
     if lora:
         kwargs.update(
             enable_lora=True,

@@ -42,6 +42,8 @@ from support import (
     zip_with_huge_directory,
 )
 
+from serving.settings import Settings
+
 MSG = [{"role": "user", "content": "Name a fruit."}]
 MiB = 1 << 20
 EVENT_LOOP_BUDGET_S = 0.1
@@ -367,7 +369,8 @@ def test_quota_and_concurrency_limits_answer_before_the_body(live_server, adapte
     assert status == 403 and body["error"]["code"] == "quota_exceeded", body
 
     busy = live_server.create_tenant("busy-uploader")
-    held = [_raw_upload(live_server, busy, body_prefix=_FORM_START) for _ in range(2)]
+    slots = Settings().max_concurrent_uploads  # the session server runs the default
+    held = [_raw_upload(live_server, busy, body_prefix=_FORM_START) for _ in range(slots)]
     try:
         time.sleep(0.5)
         response = upload_archive(live_server, busy, "third", adapter_archive(adapter_dirs["a"]))

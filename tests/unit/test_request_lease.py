@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from adapters.registry import AdapterVersion, Tenant
 from serving.auth import Authenticator
 from serving.engine import AdapterLifecycle
+from serving.engine_headers import ENGINE_CONTROL_HEADERS, DropEngineControlHeaders
 from serving.errors import install_error_handlers
 from serving.json_body import JsonBodyLimit
 from serving.lease import current_lease
@@ -27,6 +28,7 @@ from serving.resolver import ResolvedModel
 from serving.settings import Settings
 from serving.state import ServerState
 
+ENGINE_HEADER_NAMES = {h.decode() for h in ENGINE_CONTROL_HEADERS}
 TENANT = Tenant(id=2, name="acme", max_adapters=5, max_bytes=10**9, created_at=0.0)
 ADAPTER = AdapterVersion(
     id=7, tenant_id=2, tenant_name="acme", name="support", version=1, digest="d", path="/x",
@@ -61,6 +63,7 @@ class FakeServing:
 
     async def _handle(self, request, raw):
         assert current_lease.get().resolved.adapter == ADAPTER
+        self.engine_headers_seen = [h for h in raw.headers if h in ENGINE_HEADER_NAMES]
         if request.stream:
             return self._stream()
         await asyncio.sleep(self.delay * self.chunks)
@@ -123,6 +126,7 @@ def make_app(serving: FakeServing) -> tuple[FastAPI, ServerState]:
     app.state.args = None
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=1 << 20, max_depth=32)
+    app.add_middleware(DropEngineControlHeaders)
     app.include_router(router)
     app.state.tenantlora = state
     return app, state
@@ -241,3 +245,32 @@ def test_errors_release_and_concurrent_requests_balance():
     statuses = [r[0]["status"] for r in results]
     assert statuses.count(200) == 20 and statuses.count(404) == 5 and statuses[-1] == 400
     assert held(state) == 0
+
+
+def test_clients_cannot_steer_the_engine_with_headers():
+    """X-Vllm-Priority would bypass fair admission inside vLLM's scheduler; X-Request-Id could
+    collide with another tenant's engine request: vLLM's serving classes never see them."""
+    serving = FakeServing(chunks=1)
+    app, _ = make_app(serving)
+    body = chat(stream=False)
+    request_scope = scope(body)
+    request_scope["headers"] += [
+        (b"x-vllm-priority", b"-1000000"),
+        (b"X-Request-Id", b"someone-elses-id"),
+        (b"x-data-parallel-rank", b"3"),
+    ]
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client stays; the handler's disconnect watcher waits
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(request_scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert serving.engine_headers_seen == []
