@@ -171,6 +171,7 @@ class Admission:
         self._active: Tally[str] = Tally()  # per tenant, being admitted, queued or in flight
         self._tasks: set[asyncio.Task] = set()
         self._seen: set[str] = set()  # tenants whose series exist
+        self._weights: dict[str, float] = {}  # each tenant's weight, as last admitted
 
     def limits(self, tenant: Any) -> TenantLimits:
         return TenantLimits.of(tenant, self.settings)
@@ -195,6 +196,7 @@ class Admission:
                 headers={"Retry-After": "1"},
             )
         self._active[name] += 1  # held from here until release, or given back on refusal
+        self._weights[name] = limits.weight
         try:
             return await self._admit(tenant, name, limits, size)
         except BaseException:
@@ -213,6 +215,10 @@ class Admission:
             headers = {"Retry-After": str(math.ceil(exc.retry_after)), **exc.headers}
             raise APIError(429, exc.message, "rate_limit_exceeded", headers=headers) from exc
 
+        if self._below_fair_share(name) and self.queue.grant_now(
+            name, limits.weight, size.sequences, ceiling=self._burst_ceiling()
+        ):
+            return self._ticket(name, limits, size, charge, 0.0)
         metrics.ADMISSION_QUEUED.labels(name).inc()
         try:
             waited = await self.queue.acquire(
@@ -236,6 +242,11 @@ class Admission:
             raise
         finally:
             metrics.ADMISSION_QUEUED.labels(name).dec()
+        return self._ticket(name, limits, size, charge, waited)
+
+    def _ticket(
+        self, name: str, limits: TenantLimits, size: RequestSize, charge: Charge, waited: float
+    ) -> Ticket:
         # vLLM priority (lower runs earlier): this tenant's work in the engine, per unit weight.
         priority = int(self._in_flight[name] / limits.weight)
         self._in_flight[name] += 1
@@ -243,6 +254,20 @@ class Admission:
         metrics.ADMISSION_QUEUE_WAIT.labels(name).observe(waited)
         metrics.ADMISSION_TOKENS.labels(name).inc(size.tokens)
         return Ticket(self, name, priority, charge.headers, charge, waited)
+
+    def _below_fair_share(self, name: str) -> bool:
+        """Whether this tenant holds fewer engine slots than its weighted share among the
+        tenants with work here now. Such a tenant skips the queue (fair admission only)."""
+        if not self.settings.fair_admission:
+            return False
+        active = {k: w for k, w in self._weights.items() if self._active[k] > 0}
+        share = self.settings.admission_max_in_flight * active[name] / sum(active.values())
+        return self._in_flight[name] < share
+
+    def _burst_ceiling(self) -> int:
+        """Most requests in the engine at once, counting those past the queue's capacity:
+        twice the capacity, never more sequences than the engine schedules in one step."""
+        return min(2 * self.settings.admission_max_in_flight, self.settings.max_num_seqs)
 
     def _check_size(self, tenant: str, limits: TenantLimits, size: RequestSize) -> None:
         if size.n > limits.max_n:

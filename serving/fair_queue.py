@@ -90,6 +90,17 @@ class FairQueue:
             raise
         return time.monotonic() - started
 
+    def grant_now(self, key: str, weight: float = 1.0, cost: float = 1.0, ceiling: int = 0) -> bool:
+        """Take a slot at once, past `capacity` up to `ceiling` (for a tenant below its fair
+        share while others' backlog fills the engine: without it, a light tenant would wait for
+        a heavy one's requests to finish). Its virtual-time claim is charged as if it queued."""
+        if self.in_flight >= max(ceiling, self.capacity):
+            return False
+        start = max(self._vtime, self._last_finish.get(key, 0.0))
+        self._last_finish[key] = start + cost / weight
+        self.in_flight += 1
+        return True
+
     def release(self) -> None:
         """Free one slot and hand it to the next waiter."""
         self.in_flight -= 1
