@@ -31,7 +31,7 @@ import httpx
 
 from benchmarks.load import LengthDist, LoadConfig, LoadResult, Target, run_load
 from benchmarks.records import Goal
-from benchmarks.servers import Server, tenantlora_server, vllm_server
+from benchmarks.servers import Server, create_tenant_key, tenantlora_server, vllm_server
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,11 @@ def _server(cfg: NoisyConfig, case: str, loras: dict[str, Path]) -> Server:
     return server
 
 
-def _tenant_key(server: Server, name: str) -> str:
-    response = httpx.post(
-        server.base_url + "/tenants",
-        headers={"Authorization": f"Bearer {server.env['TENANTLORA_ADMIN_KEY']}"},
-        json={"name": name},
-        timeout=60,
-        trust_env=False,
-    )
-    response.raise_for_status()
-    return response.json()["api_key"]
-
-
 def _targets(server: Server, case: str) -> dict[str, Target]:
     """victim -> adapter lora000, flooder -> lora001 (each with its own tenant key on ours)."""
     out = {}
     for who, model in (("victim", "lora000"), ("flooder", "lora001")):
-        key = None if case == "vllm" else _tenant_key(server, who)
+        key = None if case == "vllm" else create_tenant_key(server, who)
         out[who] = Target(model, server.base_url, tenant=who, api_key=key)
     return out
 

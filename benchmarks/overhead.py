@@ -29,13 +29,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from adapters.targets import LORA_TARGET_MODULES
 from benchmarks.harness import machine_info
 from benchmarks.load import LengthDist, LoadConfig, LoadSummary, Target, run_load
 from benchmarks.records import Goal, MachineInfo
-from benchmarks.servers import Server, bench_dtype, free_port
+from benchmarks.servers import Server, bench_dtype, create_tenant_key, free_port
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -123,20 +121,6 @@ def tenantlora_serve(cfg: OverheadConfig, name: str, log_dir: Path, db_url: str 
     return Server(name, cmd, port, log_dir / f"{name}.log", env, base_model_name="base")
 
 
-def _tenant_key(server: Server) -> str:
-    """A fresh tenant on a tenantlora server: the load goes through the whole tenant layer."""
-    name = f"bench-{os.getpid()}-{server.port}"
-    response = httpx.post(
-        server.base_url + "/tenants",
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        json={"name": name},
-        timeout=30,
-        trust_env=False,
-    )
-    response.raise_for_status()
-    return response.json()["api_key"]
-
-
 def _load(cfg: OverheadConfig, target: Target) -> LoadSummary:
     config = LoadConfig(
         targets=[target],
@@ -194,7 +178,11 @@ def _run(cfg: OverheadConfig, postgres_url: str) -> OverheadResults:
             server.wait_ready(900)
         targets = {}
         for server in servers:
-            key = _tenant_key(server) if server.name.startswith("tenantlora") else None
+            # A tenant key on tenantlora: the load goes through the whole tenant layer.
+            tenant = f"bench-{server.port}"
+            key = (
+                create_tenant_key(server, tenant) if "TENANTLORA_ADMIN_KEY" in server.env else None
+            )
             targets[server.name] = Target("base", server.base_url, server.name, key)
             _load(replace(cfg, requests=cfg.concurrency), targets[server.name])  # warm-up
         for index in range(cfg.rounds):

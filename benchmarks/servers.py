@@ -183,6 +183,20 @@ class Server:
         log.info("stopped %s", self.name)
 
 
+def create_tenant_key(server: Server, name: str) -> str:
+    """Create a tenant on a tenantlora server started with TENANTLORA_ADMIN_KEY in its env;
+    return the tenant's API key."""
+    response = httpx.post(
+        server.base_url + "/tenants",
+        headers={"Authorization": f"Bearer {server.env['TENANTLORA_ADMIN_KEY']}"},
+        json={"name": name},
+        timeout=60,
+        trust_env=False,
+    )
+    response.raise_for_status()
+    return response.json()["api_key"]
+
+
 def tenantlora_server(
     name: str,
     base_model: str,
