@@ -293,6 +293,7 @@ class Admission:
             self._seen.add(tenant)
             for reason in REASONS:
                 metrics.ADMISSION_REFUSED.labels(tenant, reason)
+            metrics.ADMISSION_QUEUED.labels(tenant)  # at 0 also when it never had to queue
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop a deleted tenant's admission series."""

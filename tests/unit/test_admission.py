@@ -300,3 +300,25 @@ async def test_metrics_by_tenant():
     assert _sample("tenantlora_admission_in_flight", tenant=t.name) == 0
     adm.forget_tenant(t.name)
     assert _sample(refused, tenant=t.name, reason="concurrency") is None
+
+
+async def test_every_dashboard_series_exists_from_a_tenants_first_request(storage):
+    """The Grafana panels read queued, in flight, queue wait, tokens and refusals per tenant:
+    each series exists once a tenant was admitted, also when it never had to queue."""
+    from prometheus_client import REGISTRY
+
+    adm = admission(storage)
+    quiet = tenant()
+    ticket = await adm.admit(quiet, chat())
+    ticket.release()
+    for name in (
+        "tenantlora_admission_queued",
+        "tenantlora_admission_in_flight",
+        "tenantlora_admission_queue_wait_seconds_count",
+        "tenantlora_admission_tokens_total",
+        "tenantlora_admission_refused_total",
+    ):
+        labels = {"tenant": quiet.name}
+        if name.endswith("refused_total"):
+            labels["reason"] = "concurrency"
+        assert REGISTRY.get_sample_value(name, labels) is not None, name
