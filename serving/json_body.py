@@ -94,9 +94,7 @@ class JsonBodyLimit:
                 return b"".join(chunks)
 
     def _too_large(self) -> APIError:
-        return APIError(
-            413, f"Request body exceeds {self.max_bytes} bytes.", "request_too_large"
-        )
+        return APIError(413, f"Request body exceeds {self.max_bytes} bytes.", "request_too_large")
 
 
 class _Disconnected(Exception):
