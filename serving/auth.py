@@ -1,25 +1,21 @@
 """Authentication: `Authorization: Bearer KEY` names a tenant (or the admin).
 
 `Authenticator.authenticate` is a plain async function of the key; the FastAPI dependencies at
-the bottom only pull the key out of the request. Key lookups run in a worker thread and are
-cached by the key's hash for `ttl` seconds (dropped at once on any registry write in this
-process, so a revoked key or a deleted tenant stops working here at once, on other replicas
-within `ttl`)."""
+the bottom only pull the key out of the request. Key lookups go through a `LookupCache` keyed by
+the key's hash: a revoked key or a deleted tenant stops working here at once (a registry write
+in this process drops the cache), on other replicas within `ttl`."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import anyio.to_thread
 from fastapi import Depends, Request
 
 from adapters.keys import hash_key, keys_equal
 from adapters.registry import Registry, Tenant
 from serving.errors import APIError
+from serving.lookup_cache import LookupCache
 from serving.state import ServerState, server_state
-
-_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -46,9 +42,7 @@ class Authenticator:
         self.public = public
         self._admin_key = admin_key
         self.requires_auth = requires_auth
-        self.ttl = ttl
-        self._cache: dict[str, tuple[float, Tenant | None]] = {}
-        self._generation = registry.generation
+        self._cache: LookupCache[Tenant | None] = LookupCache(registry, ttl)
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -57,19 +51,7 @@ class Authenticator:
         return key is not None and self._admin_key is not None and keys_equal(key, self._admin_key)
 
     async def tenant_for_key(self, key: str) -> Tenant | None:
-        if self.registry.generation != self._generation:
-            self._cache.clear()
-            self._generation = self.registry.generation
-        digest = hash_key(key)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        tenant = await anyio.to_thread.run_sync(self.registry.tenant_by_key, key)
-        if len(self._cache) >= _CACHE_LIMIT:  # a flood of made-up keys must not grow memory
-            self._cache.clear()
-        self._cache[digest] = (now + self.ttl, tenant)
-        return tenant
+        return await self._cache.get(hash_key(key), lambda: self.registry.tenant_by_key(key))
 
     async def authenticate(self, key: str | None) -> Caller:
         """The caller a key names, or a 401 when auth is required and the key names nobody."""

@@ -1,26 +1,21 @@
 """(tenant, model) -> what the engine runs: the one tenant-aware resolver, shared by the FastAPI
 app and the Ray gateway.
 
-Lookups go to the registry in a worker thread (never on the event loop) and are cached per
-(tenant, model). The cache is dropped whenever this process writes to the registry (its
-`generation` changes) and otherwise lives `ttl` seconds, which bounds how stale a write made by
-another replica can be."""
+Lookups go through a `LookupCache` keyed by (tenant, model): a worker thread on a miss, dropped
+on any registry write in this process, at most `ttl` seconds stale for another replica's write."""
 
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
-
-import anyio.to_thread
 
 from adapters.catalog import AdapterCatalog
 from adapters.names import is_valid_name
 from adapters.registry import AdapterVersion, Tenant
+from serving.lookup_cache import LookupCache
 
 # `name` or `name@N`; N in plain ASCII digits and small enough for any database integer.
 _PINNED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]{1,9})$")
-_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,9 +55,7 @@ class TenantResolver:
     def __init__(self, catalog: AdapterCatalog, base_name: str, ttl: float = 2.0) -> None:
         self.catalog = catalog
         self.base_name = base_name
-        self.ttl = ttl
-        self._cache: dict[tuple[int, str], tuple[float, AdapterVersion | None]] = {}
-        self._generation = catalog.registry.generation
+        self._cache: LookupCache[AdapterVersion | None] = LookupCache(catalog.registry, ttl)
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -82,17 +75,6 @@ class TenantResolver:
         parsed = parse_model_name(model)
         if parsed is None:
             return None
-        generation = self.catalog.registry.generation
-        if generation != self._generation:
-            self._cache.clear()
-            self._generation = generation
-        key = (tenant.id, model)
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found = await anyio.to_thread.run_sync(self.catalog.resolve_parsed, tenant, *parsed)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[key] = (now + self.ttl, found)
-        return found
+        return await self._cache.get(
+            (tenant.id, model), lambda: self.catalog.resolve_parsed(tenant, *parsed)
+        )
