@@ -37,7 +37,7 @@ from serving.settings import Settings
 from serving.state import ServerState, server_state
 from serving.tenant_routes import router as tenant_router
 from serving.vllm_compat import check_vllm
-from serving.vllm_compat.serving import build_serving
+from serving.vllm_compat.serving import build_serving, build_tokenization
 from serving.vllm_routes import router as vllm_router
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ async def _lifespan(app: FastAPI):
         serving_models=models,
         serving_chat=chat,
         serving_completion=completion,
+        serving_tokenization=build_tokenization(chat),
         started_at=time.time(),
         cache_salts=CacheSalts(share_base=settings.share_base_prefix_cache),
         usage=usage,

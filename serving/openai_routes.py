@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -122,11 +122,9 @@ async def serve(
     route: str,
 ) -> Response:
     lease = state.new_lease(caller.tenant, route)
-    try:
-        resolved = await state.resolver.resolve(caller.tenant, request.model)
-        if resolved is None:
-            raise model_not_found(request.model or "")
-        lease.resolved = resolved
+
+    async def work() -> Any:
+        resolved = await resolve_for(state, lease, request.model)
         await state.admit(lease, request)
         request.cache_salt = state.cache_salts.salt_for(
             caller.tenant.id, request.cache_salt, on_base=resolved.adapter is None
@@ -135,11 +133,37 @@ async def serve(
             state.lifecycle.acquire(resolved.adapter.id)
             lease.on_release(lambda _lease, _status: state.lifecycle.release(resolved.adapter.id))
             await _ensure_loaded(state, resolved, request.model or "")
-        current_lease.set(lease)
         if route == "chat":
-            result = await state.serving_chat.create_chat_completion(request, raw_request)
-        else:
-            result = await state.serving_completion.create_completion(request, raw_request)
+            return await state.serving_chat.create_chat_completion(request, raw_request)
+        return await state.serving_completion.create_completion(request, raw_request)
+
+    result = await run_in_lease(lease, work)
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, AsyncIterator):
+        return LeasedStreamingResponse(result, lease, headers=lease.headers)
+    lease.release(200)
+    return JSONResponse(result.model_dump(), headers=lease.headers)
+
+
+async def resolve_for(state: ServerState, lease: RequestLease, model: str | None):
+    """The model the lease's tenant means, set on the lease and made the running request's
+    (`current_lease`, read by vLLM's serving classes); the same 404 for unknown and foreign."""
+    resolved = await state.resolver.resolve(lease.tenant, model)
+    if resolved is None:
+        raise model_not_found(model or "")
+    lease.resolved = resolved
+    current_lease.set(lease)
+    return resolved
+
+
+async def run_in_lease(lease: RequestLease, work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a request's `work` (resolution, admission, vLLM's serving call) under its lease and
+    return vLLM's result. On any failure the lease ends with that status: an APIError goes on
+    with the lease's rate-limit headers, vLLM's errors (raised or returned) come back as our
+    error response, and a cancellation (the client left) ends it as 499."""
+    try:
+        result = await work()
     except APIError as exc:
         lease.release(exc.status)
         exc.headers = {**lease.headers, **exc.headers}
@@ -151,10 +175,7 @@ async def serve(
         raise
     if isinstance(result, ErrorResponse):
         return _engine_error(lease, result)
-    if isinstance(result, AsyncIterator):
-        return LeasedStreamingResponse(result, lease, headers=lease.headers)
-    lease.release(200)
-    return JSONResponse(result.model_dump(), headers=lease.headers)
+    return result
 
 
 async def _ensure_loaded(state: ServerState, resolved, model: str) -> None:

@@ -40,6 +40,7 @@ class ServerState:
     serving_models: Any
     serving_chat: Any
     serving_completion: Any
+    serving_tokenization: Any  # vLLM's /tokenize and /detokenize, sharing the chat renderer
     started_at: float
     cache_salts: CacheSalts = field(default_factory=CacheSalts)
     admission: Any = None  # serving.admission.Admission, when limits are on

@@ -19,8 +19,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import FormData
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.tokenize.protocol import (
     DetokenizeRequest,
@@ -32,12 +30,11 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from adapters.registry import Tenant
 from serving.admin_routes import _owner, _register_from_form, delete_adapter
 from serving.auth import Caller, current_caller, current_tenant, is_admin_request, require_writer
-from serving.errors import APIError, model_not_found
+from serving.errors import APIError
 from serving.json_body import SCOPE_KEY
-from serving.lease import CLIENT_CLOSED, RequestLease, current_lease
-from serving.openai_routes import _engine_error, typed_body
+from serving.lease import RequestLease
+from serving.openai_routes import resolve_for, run_in_lease, typed_body
 from serving.state import ServerState, server_state
-from serving.vllm_compat.serving import TenantServingTokenization, build_tokenization
 
 router = APIRouter()
 
@@ -134,38 +131,20 @@ async def detokenize(
     return await _tokenization_call(state, caller, body, raw_request, "detokenize")
 
 
-def tokenization(request: Request, state: ServerState) -> TenantServingTokenization:
-    """The app's one tokenization serving object (made on first use from the chat route's)."""
-    serving = getattr(request.app.state, "tenantlora_tokenization", None)
-    if serving is None:
-        serving = build_tokenization(state.serving_chat)
-        request.app.state.tenantlora_tokenization = serving
-    return serving
-
-
 async def _tokenization_call(
     state: ServerState, caller: Caller, body: Any, raw_request: Request, route: str
 ) -> Response:
     """Resolve the model for the tenant (the same 404 as the OpenAI routes), then run vLLM's
     `create_<route>` with the resolved adapter in the lease; errors in our shape."""
-    call = getattr(tokenization(raw_request, state), f"create_{route}")
+    call = getattr(state.serving_tokenization, f"create_{route}")
     lease = RequestLease(caller.tenant, route)  # metrics only: no usage, no admission
-    try:
-        resolved = await state.resolver.resolve(caller.tenant, body.model)
-        if resolved is None:
-            raise model_not_found(body.model or "")
-        lease.resolved = resolved
-        current_lease.set(lease)
-        result = await call(body, raw_request)
-    except APIError as exc:
-        lease.release(exc.status)
-        raise
-    except Exception as exc:  # noqa: BLE001 - vLLM's mapping of its errors to statuses
-        return _engine_error(lease, create_error_response(exc))
-    except BaseException:
-        lease.release(CLIENT_CLOSED)  # cancelled: the client went away
-        raise
-    if isinstance(result, ErrorResponse):
-        return _engine_error(lease, result)
+
+    async def work() -> Any:
+        await resolve_for(state, lease, body.model)
+        return await call(body, raw_request)
+
+    result = await run_in_lease(lease, work)
+    if isinstance(result, Response):
+        return result
     lease.release(200)
     return JSONResponse(result.model_dump())

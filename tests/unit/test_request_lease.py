@@ -120,6 +120,7 @@ def make_app(serving: FakeServing) -> tuple[FastAPI, ServerState]:
         serving_models=None,
         serving_chat=serving,
         serving_completion=serving,
+        serving_tokenization=None,
         started_at=time.time(),
     )
     app = FastAPI()

@@ -58,6 +58,7 @@ def server(tmp_path):
         serving_models=None,
         serving_chat=None,
         serving_completion=None,
+        serving_tokenization=None,
         started_at=time.time(),
         usage=UsageLedger(registry, interval=3600),
     )
