@@ -260,8 +260,8 @@ class Admission:
         tenants with work here now. Such a tenant skips the queue (fair admission only)."""
         if not self.settings.fair_admission:
             return False
-        active = {k: w for k, w in self._weights.items() if self._active[k] > 0}
-        share = self.settings.admission_max_in_flight * active[name] / sum(active.values())
+        weights = sum(self._weights[k] for k in self._active)  # tenants with work now
+        share = self.settings.admission_max_in_flight * self._weights[name] / weights
         return self._in_flight[name] < share
 
     def _burst_ceiling(self) -> int:
@@ -298,6 +298,7 @@ class Admission:
     def forget_tenant(self, tenant: str) -> None:
         """Drop a deleted tenant's admission series."""
         self._seen.discard(tenant)
+        self._weights.pop(tenant, None)
         for metric in (
             metrics.ADMISSION_QUEUE_WAIT,
             metrics.ADMISSION_IN_FLIGHT,
