@@ -85,7 +85,9 @@ def adapter_files(folder: Path, **extra: bytes) -> dict[str, bytes | Path]:
     }
 
 
-def upload_archive(server, key: str, name: str, data: bytes, filename: str = "adapter.tar.gz"):
+def upload_archive(
+    server, key: str, name: str, data: bytes, filename: str = "adapter.tar.gz", timeout: float = 300
+):
     """POST an adapter archive to `server` as tenant `key`; the httpx response."""
     import httpx
 
@@ -94,7 +96,7 @@ def upload_archive(server, key: str, name: str, data: bytes, filename: str = "ad
         headers={"Authorization": f"Bearer {key}"},
         data={"name": name},
         files={"file": (filename, data, "application/octet-stream")},
-        timeout=300,
+        timeout=timeout,
     )
 
 

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import adapter_archive, make_random_adapters, tar_gz_bytes, zip_bytes
+from support import (
+    adapter_archive,
+    make_random_adapters,
+    tar_gz_bytes,
+    upload_archive,
+    zip_bytes,
+)
 
 MSG = [{"role": "user", "content": "Name a fruit."}]
 
 
-def _upload(server, key: str, name: str, data: bytes, filename: str = "adapter.tar.gz"):
-    return httpx.post(
-        f"{server.base_url}/adapters",
-        headers={"Authorization": f"Bearer {key}"},
-        data={"name": name},
-        files={"file": (filename, data, "application/octet-stream")},
-        timeout=120,
-    )
+_upload = partial(upload_archive, timeout=120)
 
 
 def _get(server, key: str | None, path: str) -> httpx.Response:
