@@ -19,33 +19,54 @@ def _tput(run: LoadRun) -> float:
     return run.summary.output_throughput
 
 
+def _ttft_mean(run: LoadRun) -> float | None:
+    return run.summary.ttft_ms.get("mean")
+
+
+def _goal(out: Analysis, key: str, value: float | None, goal: str, **extra: object) -> None:
+    """Record one goal ("<= x" or ">= x") when its figure was measured."""
+    if value is None:
+        return
+    op, _, bound = goal.partition(" ")
+    met = value >= float(bound) if op == ">=" else value <= float(bound)
+    out.goals[key] = Goal(value=value, goal=goal, met=met, **extra)  # type: ignore[arg-type]
+
+
 def analyse(results: BenchResults) -> Analysis:
     out = Analysis()
     loads = results.loads
-    base_runs = _runs(loads, "base")
+    main = results.hot_swap.server or next(
+        (x.server for x in loads if x.scenario == "shared-base-no-adapter"), None
+    )
+    base_runs = _runs(loads, "shared-base-no-adapter", server=main)
     base_tput = statistics.mean(_tput(x) for x in base_runs) if base_runs else None
     out.base_output_throughput = base_tput
     out.base_output_throughput_runs = [_tput(x) for x in base_runs]
-    for run in _runs(loads, "shared"):
-        out.throughput_by_adapters.setdefault(run.server, {})[run.adapters] = _tput(run)
-        paired = _runs(loads, "base", group=run.group)
-        if paired and _tput(paired[0]) > 0:
-            out.paired_ratios.setdefault(run.server, {})[run.adapters] = _tput(run) / _tput(
-                paired[0]
-            )
-    main = results.hot_swap.server
-    shared = out.throughput_by_adapters.get(main, {}) if main else {}
-    _throughput_goal(out, loads, main, shared, base_tput)
-    _peft_goal(out, loads, shared)
+    for run in loads:
+        if run.scenario in ("shared", "shared-base-no-adapter", "peer"):
+            out.throughput_by_adapters.setdefault(run.server, {})[run.adapters] = _tput(run)
+            ttft = _ttft_mean(run)
+            if ttft is not None:
+                out.ttft_mean_ms_by_adapters.setdefault(run.server, {})[run.adapters] = ttft
+    ours = out.throughput_by_adapters.get(main, {}) if main else {}
+    if base_tput:
+        for n in sorted(x for x in ours if x > 0):
+            out.paired_ratios.setdefault(main, {})[n] = ours[n] / base_tput
+    _adapter_goals(out, main, ours, base_tput)
+    out.noisy_runs = [x.label for x in loads if x.noisy]
+    _peer_goals(out, loads, main, ours)
+    _single_request_goal(out, loads, main)
+    _peft_goal(out, loads, ours)
     _memory_goal(out, results)
+    _roofline(out, results, base_tput)
     hs = results.hot_swap
     if hs.merged_cold_start_s and hs.cold_ttft_s_median is not None:
         merged_cold = statistics.mean(hs.merged_cold_start_s)
-        ratio = hs.cold_ttft_s_median / merged_cold
-        out.goals["cold_adapter_vs_merged_cold_start"] = Goal(
-            value=ratio,
-            goal="<= 0.05",
-            met=ratio <= 0.05,
+        _goal(
+            out,
+            "cold_adapter_vs_merged_cold_start",
+            hs.cold_ttft_s_median / merged_cold,
+            "<= 0.05",
             figures={
                 "cold_adapter_ttft_s": hs.cold_ttft_s_median,
                 "merged_cold_start_s": merged_cold,
@@ -54,35 +75,83 @@ def analyse(results: BenchResults) -> Analysis:
     return out
 
 
-def _throughput_goal(
-    out: Analysis,
-    loads: list[LoadRun],
-    main: str | None,
-    shared: dict[int, float],
-    base_tput: float | None,
+def _adapter_goals(
+    out: Analysis, main: str | None, ours: dict[int, float], base_tput: float | None
 ) -> None:
-    """The shared base at (up to) 32 adapters over the reference run paired with it."""
-    n32 = max((n for n in shared if n <= 32), default=None)
-    if not base_tput or n32 is None:
+    """Our throughput with N adapters over our own base-only throughput, and the TTFT cost."""
+    if not base_tput:
         return
-    run = _runs(loads, "shared", server=main, adapters=n32)[0]
-    paired = _runs(loads, "base", group=run.group)
-    pair_tput = _tput(paired[0]) if paired else base_tput
-    ratio = shared[n32] / pair_tput
-    out.goals["throughput_32_adapters_vs_base"] = Goal(
-        value=ratio,
-        goal=">= 0.7",
-        met=ratio >= 0.7,
-        adapters=n32,
-        figures={
-            "base_output_throughput_paired": pair_tput,
-            "vs_mean_of_base_runs": shared[n32] / base_tput,
-        },
-    )
+    for n, goal in ((1, ">= 0.9"), (32, ">= 0.85"), (128, ">= 0.85")):
+        if n in ours:
+            _goal(
+                out,
+                f"throughput_{n}_adapters_vs_base",
+                ours[n] / base_tput,
+                goal,
+                adapters=n,
+                figures={"adapters_tok_s": ours[n], "base_tok_s": base_tput},
+            )
+    ttft = out.ttft_mean_ms_by_adapters.get(main, {}) if main else {}
+    if 32 in ttft and ttft.get(0):
+        _goal(
+            out,
+            "ttft_32_adapters_vs_base",
+            ttft[32] / ttft[0],
+            "<= 1.5",
+            adapters=32,
+            figures={"adapters_ttft_mean_ms": ttft[32], "base_ttft_mean_ms": ttft[0]},
+        )
+
+
+def _peer_goals(
+    out: Analysis, loads: list[LoadRun], main: str | None, ours: dict[int, float]
+) -> None:
+    """Ours over `vllm serve` at the same N, same client, same run."""
+    for n in (8, 32):
+        peer = [x for x in _runs(loads, "peer", adapters=n) if x.server.startswith("vllm")]
+        if n in ours and peer and _tput(peer[0]) > 0:
+            _goal(
+                out,
+                f"throughput_vs_vllm_serve_{n}_adapters",
+                ours[n] / _tput(peer[0]),
+                ">= 3",
+                adapters=n,
+                figures={"tenantlora_tok_s": ours[n], "vllm_serve_tok_s": _tput(peer[0])},
+            )
+
+
+def _single_request_goal(out: Analysis, loads: list[LoadRun], main: str | None) -> None:
+    """One request alone: our per-token time over llama.cpp's (its fastest GGUF)."""
+    single = _runs(loads, "single")
+    mine = [x for x in single if x.server == main and x.summary.completed]
+    llama = [x for x in single if x.server.startswith("llama.cpp") and x.summary.completed]
+    for run in single:
+        if run.summary.completed:
+            out.single_request_tok_s[run.server] = _tput(run)
+    if mine and llama:
+        best = max(llama, key=_tput)
+        _goal(
+            out,
+            "single_request_vs_llama_cpp",
+            _tput(best) / _tput(mine[0]),
+            "<= 2",
+            basis=f"per-token time ratio, ours / {best.server}",
+            figures={"tenantlora_tok_s": _tput(mine[0]), "llama_cpp_tok_s": _tput(best)},
+        )
+
+
+def _roofline(out: Analysis, results: BenchResults, base_tput: float | None) -> None:
+    roof = results.roofline
+    if roof is None or not base_tput:
+        return
+    achieved = base_tput * roof.flops_per_token / 1e9
+    out.roofline_achieved_gflops = achieved
+    for rate in roof.rates:
+        out.roofline_fraction[f"{rate.dtype}/{rate.threads}t"] = achieved / rate.gflops
 
 
 def _peft_goal(out: Analysis, loads: list[LoadRun], shared: dict[int, float]) -> None:
-    """The shared base over the transformers + PEFT peer, same adapters and requests."""
+    """Ours over the transformers + PEFT peer, same adapters, requests and concurrency."""
     peft = _runs(loads, "peft")
     if not peft or _tput(peft[0]) <= 0:
         return
@@ -91,15 +160,16 @@ def _peft_goal(out: Analysis, loads: list[LoadRun], shared: dict[int, float]) ->
     ours = _tput(pair[0]) if pair else shared.get(n_peft)
     if ours is None:
         return
-    ratio = ours / _tput(peft[0])
-    out.goals["throughput_vs_peft_peer"] = Goal(
-        value=ratio,
-        goal=">= 5",
-        met=ratio >= 5,
+    _goal(
+        out,
+        "throughput_vs_peft_peer",
+        ours / _tput(peft[0]),
+        ">= 5",
         adapters=n_peft,
         basis="paired run right after the peer"
         if pair
         else f"the shared-base N={n_peft} run of the adapter sweep (the paired run failed)",
+        figures={"tenantlora_tok_s": ours, "peft_tok_s": _tput(peft[0])},
     )
 
 
@@ -114,11 +184,11 @@ def _memory_goal(out: Analysis, results: BenchResults) -> None:
     per_adapter = mem.shared.per_adapter_bytes
     if not per_engine_uss:
         return
-    ratio = max(per_adapter.uss, 0) / per_engine_uss
-    out.goals["memory_per_tenant_vs_merged"] = Goal(
-        value=ratio,
-        goal="<= 0.05",
-        met=ratio <= 0.05,
+    _goal(
+        out,
+        "memory_per_tenant_vs_merged",
+        max(per_adapter.uss, 0) / per_engine_uss,
+        "<= 0.05",
         figures={
             "per_adapter_uss_bytes": per_adapter.uss,
             "per_merged_engine_uss_bytes": per_engine_uss,

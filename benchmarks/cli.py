@@ -44,6 +44,12 @@ def run_command(args: argparse.Namespace) -> int:
         "time_budget",
         "enforce_eager",
         "name",
+        "max_loras",
+        "single_requests",
+        "llama_cpp_python",
+        "llamacpp_requests",
+        "max_load",
+        "quiet_wait_s",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -52,6 +58,8 @@ def run_command(args: argparse.Namespace) -> int:
         overrides["adapter_counts"] = [int(x) for x in args.adapters.split(",")]
     if args.rates:
         overrides["rates"] = [float(x) for x in args.rates.split(",")]
+    if args.peers is not None:
+        overrides["peers"] = [x for x in args.peers.split(",") if x]
     if args.server == "tenantlora" and not args.quick and args.lora_ops != "default":
         overrides["lora_ops_variants"] = (
             [True, False]
@@ -117,8 +125,26 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-ops",
         choices=["both", "on", "off", "default"],
-        default="both",
-        help="CPU LoRA-ops plugin variants of our server to run",
+        default="default",
+        help="CPU LoRA-ops plugin variants of our server to run (default: the server's default)",
+    )
+    parser.add_argument(
+        "--peers",
+        help="Comma-separated peers run in the same invocation: vllm (vllm serve at every N), "
+        "peft (transformers+PEFT), llamacpp (llama.cpp's server); default all; '' for none",
+    )
+    parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
+    parser.add_argument("--single-requests", type=int, help="Requests of the one-alone runs")
+    parser.add_argument(
+        "--llama-cpp-python",
+        help="A Python with llama-cpp-python[server] (default: $TENANTLORA_LLAMA_CPP_PYTHON)",
+    )
+    parser.add_argument("--llamacpp-requests", type=int, help="Requests of llama.cpp's run")
+    parser.add_argument(
+        "--max-load", type=float, help="Load average above which a run is flagged (1.5)"
+    )
+    parser.add_argument(
+        "--quiet-wait-s", type=float, help="Wait up to this long for a quiet machine at start"
     )
 
 

@@ -16,10 +16,15 @@ import psutil
 
 from benchmarks.config import BenchConfig
 from benchmarks.load import LengthDist, LoadConfig, Target, run_load
+from benchmarks.quiet import ForeignCpuMeter
 from benchmarks.records import BenchResults, EngineRecord, FirstRequest, LoadRun, MachineInfo
 from benchmarks.servers import Server, gpu_memory, scrape_metrics
 
 log = logging.getLogger(__name__)
+
+# A run during which processes outside the benchmark used more than this share of the CPU is
+# flagged as not quiet (its figures measure the machine's other work too).
+FOREIGN_SHARE_LIMIT = 0.05
 
 # vLLM's per-request time histograms (seconds), used to say where a request's time went.
 _VLLM_PHASES = {
@@ -119,8 +124,10 @@ class Harness:
         requests: int | None = None,
         seed: int = 0,
         group: str | None = None,
+        prompt_len: str | None = None,
     ) -> LoadRun:
-        """Run one bounded load, record it with vLLM's phase times when the server has them."""
+        """Run one bounded load, record it with vLLM's phase times when the server has them and
+        with what else the machine did meanwhile (benchmarks.quiet)."""
         c = self.cfg
         cfg = LoadConfig(
             targets=targets,
@@ -131,14 +138,17 @@ class Harness:
             else (None if rate else c.concurrency),
             requests=requests or c.requests,
             duration=c.duration,
-            prompt_len=LengthDist.parse(c.prompt_len),
+            prompt_len=LengthDist.parse(prompt_len or c.prompt_len),
             max_tokens=LengthDist.parse(str(c.max_tokens)),
             request_timeout=c.request_timeout,
             seed=seed,
         )
         before = scrape_metrics(server.root_url) if server else {}
         log.info("load %s: %d requests over %d targets", label, cfg.requests, len(targets))
+        meter = ForeignCpuMeter()
+        meter.start()
         result = asyncio.run(run_load(cfg, progress=True))
+        quiet = meter.stop()
         after = scrape_metrics(server.root_url) if server else {}
         s = result.summary
         log.info(
@@ -149,6 +159,12 @@ class Harness:
             s.e2e_ms["p50"] or -1,
             s.errors,
         )
+        noisy = quiet.load_before > c.max_load or quiet.foreign_share > FOREIGN_SHARE_LIMIT
+        if noisy:
+            self.note(
+                f"run {label!r} not quiet: load average {quiet.load_before:.2f} before it, "
+                f"other processes used {100 * quiet.foreign_share:.1f} % of the CPU during it"
+            )
         run = LoadRun(
             label=label,
             scenario=scenario,
@@ -159,6 +175,8 @@ class Harness:
             rate=rate,
             concurrency=cfg.concurrency,
             loadavg=list(os.getloadavg()),
+            quiet=quiet,
+            noisy=noisy,
             phases_ms=phase_means(before, after),
             config=result.config,
             summary=s,

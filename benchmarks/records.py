@@ -8,6 +8,8 @@ from typing import Any
 
 from benchmarks.config import BenchConfig
 from benchmarks.load import LoadSummary
+from benchmarks.quiet import Quietness
+from benchmarks.roofline import Roofline
 
 
 @dataclass
@@ -41,9 +43,8 @@ class MachineInfo:
     git_commit: str
     load_average_start: list[float]
     load_average_end: list[float] | None = None
-    note: str = (
-        "shared machine: other jobs ran beside this benchmark; compare ratios within this run only"
-    )
+    quiet_wait_s: float = 0.0  # waited at start for the load average to fall
+    note: str = ""
 
 
 @dataclass
@@ -74,11 +75,13 @@ class LoadRun:
     mode: str  # "rate" or "concurrency"
     rate: float | None
     concurrency: int | None
-    loadavg: list[float]
+    loadavg: list[float]  # at the end of the run (includes the run's own threads)
     phases_ms: dict[str, float]  # vLLM's mean queue / prefill / decode / ... time per request
     config: dict[str, Any]
     summary: LoadSummary
     requests: list[dict[str, Any]]
+    quiet: Quietness | None = None
+    noisy: bool = False  # flagged: the machine was not quiet (see benchmarks.quiet)
 
 
 @dataclass
@@ -171,7 +174,13 @@ class Analysis:
     base_output_throughput: float | None = None
     base_output_throughput_runs: list[float] = field(default_factory=list)
     throughput_by_adapters: dict[str, dict[int, float]] = field(default_factory=dict)
+    # Ours with N adapters over our own base-only throughput (same run).
     paired_ratios: dict[str, dict[int, float]] = field(default_factory=dict)
+    ttft_mean_ms_by_adapters: dict[str, dict[int, float]] = field(default_factory=dict)
+    single_request_tok_s: dict[str, float] = field(default_factory=dict)
+    roofline_achieved_gflops: float | None = None
+    roofline_fraction: dict[str, float] = field(default_factory=dict)  # "dtype/threads" -> share
+    noisy_runs: list[str] = field(default_factory=list)  # runs flagged as not quiet
     extrapolation: list[Extrapolation] = field(default_factory=list)
     monolithic_engines_that_fit: int | None = None
     monolithic_engines_that_fit_total_ram: int | None = None
@@ -191,4 +200,5 @@ class BenchResults:
     notes: list[str] = field(default_factory=list)
     finished_utc: str | None = None
     wall_s: float | None = None
+    roofline: Roofline | None = None
     analysis: Analysis = field(default_factory=Analysis)

@@ -72,15 +72,16 @@ def plot_throughput_vs_adapters(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     by = results["analysis"].get("throughput_by_adapters", {})
     for server, points in by.items():
-        ns = sorted(int(n) for n in points)
+        ns = sorted(n for n in (int(k) for k in points) if n > 0)
         ax.plot(ns, [points[n] if n in points else points[str(n)] for n in ns], "-o", label=server)
     base = results["analysis"].get("base_output_throughput")
     if base:
-        ax.axhline(base, color="k", ls="--", label="base alone (mean of runs)")
-        ax.axhline(0.7 * base, color="grey", ls=":", label="goal: 0.7 x base")
+        ax.axhline(base, color="k", ls="--", label="our base alone")
+        ax.axhline(0.85 * base, color="grey", ls=":", label="goal: 0.85 x base")
     for scenario, marker, name in (
         ("peft", "X", "transformers+PEFT peer"),
         ("monolithic", "D", "monolithic merged engines"),
+        ("llamacpp", "P", "llama.cpp server, base only"),
     ):
         for x in results["loads"]:
             if x["scenario"] == scenario:
@@ -89,7 +90,7 @@ def plot_throughput_vs_adapters(results: dict[str, Any], path: Path) -> Path:
                     [x["summary"]["output_throughput"]],
                     marker,
                     markersize=10,
-                    label=f"{name} ({x['adapters']})",
+                    label=f"{name} ({x['server'] if scenario == 'llamacpp' else x['adapters']})",
                 )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("adapters (tenants) in the Zipf mix")
@@ -202,15 +203,20 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         else f"Run {results['started_utc']}. Machine: {m['cpu']}, GPU present.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; commit "
-        f"{m.get('git_commit') or '?'}. Load average at start {_f(m['load_average_start'][0])}, "
-        f"at end {_f((m.get('load_average_end') or [None])[0])}. {m['note']}.",
+        f"{m.get('git_commit') or '?'}. Load average (1 min) at start "
+        f"{_f(m['load_average_start'][0], 2)} (after waiting {_f(m.get('quiet_wait_s'), 0)} s "
+        f"for a quiet machine), at end {_f((m.get('load_average_end') or [None])[0], 2)}. "
+        f"{_quiet_summary(results)}",
         "",
         f"Workload: {cfg['server']} server, base `{Path(cfg['base_model']).name}`, Zipf exponent "
         f"{cfg['zipf']}, prompt length {cfg['prompt_len']} words, {cfg['max_tokens']} output "
-        f"tokens (ignore_eos), closed loop at concurrency {cfg['concurrency']} with "
-        f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}), Poisson rates "
-        f"{cfg['rates']} with {cfg['rate_requests']} requests each; engines with a KV cache of "
-        f"{cfg.get('kv_cache_gib')} GiB, max_loras {cfg['max_loras']}, max_model_len {cfg['max_model_len']}.",
+        f"tokens (ignore_eos, greedy), closed loop at concurrency {cfg['concurrency']} with "
+        f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}, llama.cpp: "
+        f"{cfg.get('llamacpp_requests')}); one request alone: {cfg.get('single_prompt_words')}-word "
+        f"prompt, {cfg.get('single_requests')} requests; every vLLM engine (ours and `vllm serve`) "
+        f"with a KV cache of {cfg.get('kv_cache_gib')} GiB, max_loras "
+        f"{cfg['max_loras'] if cfg['max_loras'] is not None else 'default'}, max_model_len "
+        f"{cfg['max_model_len']}, the same dtype and adapters (r=16 on all seven projections).",
         "",
     ]
     if results["errors"]:
@@ -227,9 +233,15 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "|---|---|---|---|",
     ]
     names = {
-        "throughput_32_adapters_vs_base": "throughput, shared base with {adapters} adapters / base alone",
-        "memory_per_tenant_vs_merged": "memory per extra tenant / one more merged engine (USS)",
+        "throughput_1_adapters_vs_base": "throughput, 1 adapter / our base alone",
+        "throughput_32_adapters_vs_base": "throughput, {adapters} adapters / our base alone",
+        "throughput_128_adapters_vs_base": "throughput, {adapters} adapters / our base alone",
+        "ttft_32_adapters_vs_base": "mean TTFT, {adapters} adapters / our base alone",
+        "throughput_vs_vllm_serve_8_adapters": "throughput vs `vllm serve`, {adapters} adapters",
+        "throughput_vs_vllm_serve_32_adapters": "throughput vs `vllm serve`, {adapters} adapters",
         "throughput_vs_peft_peer": "throughput vs transformers+PEFT peer, {adapters} adapters",
+        "single_request_vs_llama_cpp": "one request alone: per-token time / llama.cpp's",
+        "memory_per_tenant_vs_merged": "memory per extra tenant / one more merged engine (USS)",
         "cold_adapter_vs_merged_cold_start": "cold adapter first-token latency / merged cold start",
     }
     for key, g in a["goals"].items():
@@ -237,26 +249,16 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines.append(
             f"| {title} | {g['value']:.3g} | {g['goal']} | {'yes' if g['met'] else 'NO'} |"
         )
-    if a.get("paired_ratios"):
-        counts = cfg["adapter_counts"]
-        lines += [
-            "",
-            "Throughput of the shared base over the reference run of the same group "
-            "(side by side):",
-            "",
-            "| server | " + " | ".join(f"N={n}" for n in counts) + " |",
-            "|---|" + "---|" * len(counts),
-        ]
-        for server, ratios in a["paired_ratios"].items():
-            cells = [_f(ratios.get(n, ratios.get(str(n))), 2) for n in counts]
-            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+    lines += _side_by_side(results)
+    lines += _single_and_roofline(results)
     lines += [
         "",
         "## Loads",
         "",
         "| run | adapters | mode | req/s | out tok/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms "
-        "| e2e p50/p95/p99 ms | ok/sent | errors | vLLM queue/prefill/decode ms | load avg (1 min, at end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| e2e p50/p95/p99 ms | ok/sent | errors | vLLM queue/prefill/decode ms | load avg before/after "
+        "| other processes' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in results["loads"]:
         s = x["summary"]
@@ -271,7 +273,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             f"| {x['label']} | {x['adapters']} | {mode} | {_f(s['request_throughput'], 2)} | "
             f"{_f(s['output_throughput'])} | {pq('ttft_ms')} | {pq('tpot_ms')} | {pq('e2e_ms')} | "
             f"{s['completed']}/{s['requests_sent']} | {s['errors'] or '-'} | {phases} | "
-            f"{_f((x.get('loadavg') or [None])[0])} |"
+            f"{_load_cells(x)} |"
         )
     hs = results["hot_swap"]
     lines += ["", "## Hot swap", ""]
@@ -347,6 +349,100 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quiet_summary(results: dict[str, Any]) -> str:
+    noisy = [x["label"] for x in results["loads"] if x.get("noisy")]
+    if not noisy:
+        return (
+            "Every run was quiet: no other process used more than 5 % of the CPU during it, and "
+            "none started above the load limit."
+        )
+    return f"**{len(noisy)} runs were not quiet** (flagged in the table): {', '.join(noisy)}."
+
+
+def _load_cells(x: dict[str, Any]) -> str:
+    q = x.get("quiet")
+    if not q:
+        return f"-/{_f((x.get('loadavg') or [None])[0], 2)} | -"
+    flag = " (not quiet)" if x.get("noisy") else ""
+    return (
+        f"{_f(q['load_before'], 2)}/{_f(q['load_after'], 2)} | "
+        f"{100 * q['foreign_share']:.1f} %{flag}"
+    )
+
+
+def _side_by_side(results: dict[str, Any]) -> list[str]:
+    """Output tok/s and mean TTFT per server and adapter count, from the same run."""
+    a = results["analysis"]
+    by = a.get("throughput_by_adapters") or {}
+    if not by:
+        return []
+    ttft = a.get("ttft_mean_ms_by_adapters") or {}
+    counts = sorted({int(n) for points in by.values() for n in points})
+    lines = [
+        "",
+        "## Side by side (same client, same run; N=0 is the base model alone)",
+        "",
+        "| server | " + " | ".join(f"N={n}" for n in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
+    for server, points in by.items():
+        t = ttft.get(server, {})
+        cells = []
+        for n in counts:
+            v = points.get(n, points.get(str(n)))
+            tt = t.get(n, t.get(str(n)))
+            cells.append("-" if v is None else f"{v:.1f} tok/s, TTFT {_f(tt, 0)} ms")
+        lines.append(f"| {server} | " + " | ".join(cells) + " |")
+    base = a.get("base_output_throughput")
+    ratios = next(iter((a.get("paired_ratios") or {}).values()), {})
+    if base and ratios:
+        lines += [
+            "",
+            "Ours with N adapters over our base alone: "
+            + ", ".join(f"N={n}: {float(r):.2f}" for n, r in ratios.items())
+            + ".",
+        ]
+    return lines
+
+
+def _single_and_roofline(results: dict[str, Any]) -> list[str]:
+    a = results["analysis"]
+    lines: list[str] = []
+    single = a.get("single_request_tok_s") or {}
+    if single:
+        lines += [
+            "",
+            "## One request alone (concurrency 1, greedy, ignore_eos)",
+            "",
+            "| server | output tok/s | ms per token |",
+            "|---|---|---|",
+        ]
+        for server, v in sorted(single.items(), key=lambda kv: -kv[1]):
+            lines.append(
+                f"| {server} | {v:.1f} | {1000 / v:.1f} |" if v else f"| {server} | - | - |"
+            )
+    roof = results.get("roofline")
+    if roof and a.get("roofline_achieved_gflops") is not None:
+        lines += [
+            "",
+            "## Roofline (base-only decoding against this CPU's GEMM rate)",
+            "",
+            f"{roof['params'] / 1e6:.1f} M parameters: {roof['flops_per_token'] / 1e9:.3f} GFLOP "
+            f"per output token. Our base-only throughput reaches "
+            f"{a['roofline_achieved_gflops']:.1f} GFLOP/s.",
+            "",
+            "| GEMM | threads | torch GEMM GFLOP/s (M,K,N) | share reached by decoding |",
+            "|---|---|---|---|",
+        ]
+        for r in roof["rates"]:
+            share = a["roofline_fraction"].get(f"{r['dtype']}/{r['threads']}t")
+            lines.append(
+                f"| {r['dtype']} | {r['threads']} | {r['gflops']:.1f} {tuple(r['shape'])} | "
+                f"{_f(100 * share if share is not None else None)} % |"
+            )
+    return lines
+
+
 def write_report(results: BenchResults | dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>_*.png`` into ``out_dir`` (from the typed
     results of a run, or from their JSON form as a results file holds them)."""
@@ -355,8 +451,12 @@ def write_report(results: BenchResults | dict[str, Any], out_dir: Path) -> dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = results["name"]
-    plots = {
-        "latency_vs_load": plot_latency_vs_load(results, out_dir / f"{name}_latency_vs_load.png"),
+    plots = {}
+    if any(x["scenario"] == "base-rate" for x in results["loads"]):
+        plots["latency_vs_load"] = plot_latency_vs_load(
+            results, out_dir / f"{name}_latency_vs_load.png"
+        )
+    plots |= {
         "throughput_vs_adapters": plot_throughput_vs_adapters(
             results, out_dir / f"{name}_throughput_vs_adapters.png"
         ),

@@ -1,20 +1,22 @@
 """The serving benchmark's scenarios, one object each, sharing one `Harness` (servers, loads,
 results):
 
-1. `Reference`: the base model alone on a plain vLLM engine (no LoRA);
-2. `SharedBase`: our server (or vLLM's, ``--server vllm``), one base + N adapters on one engine,
-   Zipf traffic, each run paired with a reference run right before it; on the first variant also
-   the hot-swap cost, memory per adapter and latency against Poisson load;
-3. `Monolithic`: one merged model per tenant, each in its own vLLM engine process; memory of each
-   measured, cold start of one on demand;
-4. `PeftPeer`: the transformers + PEFT server (``benchmarks.peft_server``), one request at a
-   time, beside a shared-base run with the same adapters.
+1. `SharedBase`: our server (or vLLM's, ``--server vllm``), one base + N adapters on one engine,
+   Zipf traffic: base only and each N, with every peer run right after it on the same load; the
+   hot-swap cost, memory per adapter, one request alone, optionally latency against Poisson load;
+2. `VllmServePeer`: `vllm serve --enable-lora` with the same adapters and engine settings;
+3. `PeftPeer`: the transformers + PEFT server (``benchmarks.peft_server``) at the same
+   concurrency, paired with a run of ours with the same adapters and requests right after it;
+4. `LlamaCppPeer`: llama.cpp's server on GGUF files of the base model (base only);
+5. `Monolithic`: one merged model per tenant, each in its own vLLM engine process; memory of each
+   measured, cold start of one on demand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +32,15 @@ from benchmarks.records import (
     SharedMemory,
     TouchAll,
 )
-from benchmarks.servers import Server, peft_server, scrape_metrics, tenantlora_server, vllm_server
+from benchmarks.servers import (
+    Server,
+    find_llama_cpp_python,
+    llamacpp_server,
+    peft_server,
+    scrape_metrics,
+    tenantlora_server,
+    vllm_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +66,8 @@ def plain_engine(h: Harness, name: str, model: str) -> Server:
     )
 
 
-class Reference:
-    """Scenario 1: the base model alone on a plain vLLM engine."""
-
-    def __init__(self, h: Harness):
-        self.h = h
-        self.server: Server | None = None
-
-    def start(self, record: bool = True) -> Server:
-        self.server = self.h.start(plain_engine(self.h, "base-ref", self.h.cfg.base_model))
-        first = self.h.first_request(self.server, self.server.base_model_name)
-        if record:
-            memory = self.server.memory()
-            self.h.record_engine(self.server, "reference", first_request=first, memory=memory)
-            self.h.results.memory.reference = memory
-        return self.server
-
-    def targets(self) -> list[Target]:
-        assert self.server is not None
-        return [Target(self.server.base_model_name, self.server.base_url, "base")]
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.h.stop(self.server)
-            self.server = None
-
-
 class SharedBase:
-    """Scenario 2: one base + N adapters on one engine (one LoRA-ops variant of our server)."""
+    """Scenario 1: one base + N adapters on one engine (one LoRA-ops variant of our server)."""
 
     def __init__(self, h: Harness, variant: bool | None, adapters: dict[str, Path]):
         self.h = h
@@ -103,7 +87,7 @@ class SharedBase:
                 self.adapters,
                 self.h.log_dir,
                 c.work_dir / "data" / name,
-                c.max_loras,
+                c.engine_max_loras(),
                 len(self.names),
                 c.max_model_len,
                 c.kv_cache_gib,
@@ -116,7 +100,7 @@ class SharedBase:
                 c.base_model,
                 self.adapters,
                 self.h.log_dir,
-                c.max_loras,
+                c.engine_max_loras(),
                 len(self.names),
                 c.max_model_len,
                 c.kv_cache_gib,
@@ -138,40 +122,41 @@ class SharedBase:
         self.h.results.engines[self.server.name].memory_end = self.server.memory()
         self.h.stop(self.server)
 
-    def base_only(self) -> None:
-        """The shared engine serving the base model alone (no adapter in the batch)."""
+    def sweep(self, peers: list[Server]) -> None:
+        """Base only, then each adapter count N: our server, then every peer with the same
+        adapters, Zipf draw (seed) and load, one right after the other (side by side)."""
         assert self.server is not None
-        s = self.server
-        self.h.load(
-            f"{s.name} base-only",
-            [Target(s.base_model_name, s.base_url, "base")],
-            scenario="shared-base-no-adapter",
-            server=s,
-            adapters=0,
-        )
+        for n in [0, *self.h.cfg.adapter_counts]:
+            for server in [self.server, *peers]:
+                ours = server is self.server
+                if n == 0:
+                    targets = [Target(server.base_model_name, server.base_url, "base")]
+                else:
+                    targets = adapter_targets(server, self.names[:n])
+                self.h.load(
+                    f"{server.name} " + (f"N={n}" if n else "base-only"),
+                    targets,
+                    scenario=("shared" if n else "shared-base-no-adapter") if ours else "peer",
+                    server=server,
+                    adapters=n,
+                    seed=n,
+                    group=f"N={n}",
+                )
 
-    def adapter_sweep(self, ref: Reference) -> None:
-        """Throughput against the number of adapters. Each group runs the reference right before
-        the shared-base run, so every ratio has a base run beside it (drift)."""
-        assert self.server is not None and ref.server is not None
-        for n in self.h.cfg.adapter_counts:
-            group = f"{self.server.name}:{n}"
+    def single_request(self, servers: list[Server]) -> None:
+        """One request alone (concurrency 1, greedy, ignore_eos) on the base model of each server:
+        the per-token time without batching."""
+        c = self.h.cfg
+        for server in servers:
             self.h.load(
-                f"base-ref (beside {self.server.name} N={n})",
-                ref.targets(),
-                scenario="base",
-                server=ref.server,
+                f"{server.name} single request",
+                [Target(server.base_model_name, server.base_url, "base")],
+                scenario="single",
+                server=server,
                 adapters=0,
-                group=group,
-            )
-            self.h.load(
-                f"{self.server.name} N={n}",
-                adapter_targets(self.server, self.names[:n]),
-                scenario="shared",
-                server=self.server,
-                adapters=n,
-                seed=n,
-                group=group,
+                concurrency=1,
+                requests=c.single_requests,
+                prompt_len=str(c.single_prompt_words),
             )
 
     def adapter_costs(self) -> None:
@@ -253,34 +238,114 @@ class SharedBase:
         self.h.results.hot_swap.touch_all = TouchAll(len(targets), s.completed, s.errors, wall)
         log.info("touched %d adapters in %.1fs", s.completed, wall)
 
-    def latency_vs_load(self, ref: Reference) -> None:
-        """Poisson arrivals at each rate: reference vs shared base at the 32-adapter mix."""
-        assert self.server is not None and ref.server is not None
-        c = self.h.cfg
+    def latency_vs_load(self) -> None:
+        """Poisson arrivals at each rate: the base model alone vs the 32-adapter mix, same server."""
+        assert self.server is not None
+        c, s = self.h.cfg, self.server
         n_rate = max(n for n in c.adapter_counts if n <= 32)
         for rate in c.rates:
             self.h.load(
-                f"base-ref rate={rate}",
-                ref.targets(),
+                f"{s.name} base-only rate={rate}",
+                [Target(s.base_model_name, s.base_url, "base")],
                 scenario="base-rate",
-                server=ref.server,
+                server=s,
                 adapters=0,
                 rate=rate,
                 requests=c.rate_requests,
             )
             self.h.load(
-                f"{self.server.name} N={n_rate} rate={rate}",
-                adapter_targets(self.server, self.names[:n_rate]),
+                f"{s.name} N={n_rate} rate={rate}",
+                adapter_targets(s, self.names[:n_rate]),
                 scenario="shared-rate",
-                server=self.server,
+                server=s,
                 adapters=n_rate,
                 rate=rate,
                 requests=c.rate_requests,
             )
 
 
+class VllmServePeer:
+    """`vllm serve --enable-lora` with every adapter as a --lora-modules entry and the same engine
+    settings as ours (max_loras, KV cache, dtype, context), run beside our server."""
+
+    def __init__(self, h: Harness, adapters: dict[str, Path]):
+        self.h = h
+        self.adapters = adapters
+        self.server: Server | None = None
+
+    def start(self) -> Server:
+        c = self.h.cfg
+        spec = vllm_server(
+            "vllm-serve",
+            c.base_model,
+            self.adapters,
+            self.h.log_dir,
+            c.engine_max_loras(),
+            len(self.adapters),
+            c.max_model_len,
+            c.kv_cache_gib,
+            enforce_eager=c.enforce_eager,
+        )
+        server = self.server = self.h.start(spec)
+        first = self.h.first_request(server, server.base_model_name)
+        self.h.record_engine(server, "vllm-peer", first_request=first, memory=server.memory())
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.h.results.engines[self.server.name].memory_end = self.server.memory()
+            self.h.stop(self.server)
+            self.server = None
+
+
+class LlamaCppPeer:
+    """llama.cpp's server (llama-cpp-python) on GGUF files of the same base model: base only at
+    the benchmark's concurrency (it serves one request at a time) and one request alone."""
+
+    def __init__(self, h: Harness, ggufs: dict[str, Path]):
+        self.h = h
+        self.ggufs = ggufs
+
+    def run(self) -> None:
+        c = self.h.cfg
+        python = find_llama_cpp_python(c.llama_cpp_python)
+        if python is None:
+            self.h.note(
+                "llama.cpp peer skipped: no Python with llama_cpp.server (pip install "
+                "'llama-cpp-python[server]' in a venv, pass --llama-cpp-python)"
+            )
+            return
+        threads = os.cpu_count() or 1
+        for label, path in self.ggufs.items():
+            server = self.h.start(
+                llamacpp_server(f"llama.cpp-{label}", python, path, self.h.log_dir, threads)
+            )
+            record = self.h.record_engine(server, "llamacpp-peer", threads=threads)
+            record.first_request = self.h.first_request(server, server.base_model_name)
+            record.memory = server.memory()
+            self.h.load(
+                f"{server.name} single request",
+                [Target(server.base_model_name, server.base_url, "base")],
+                scenario="single",
+                server=server,
+                adapters=0,
+                concurrency=1,
+                requests=c.single_requests,
+                prompt_len=str(c.single_prompt_words),
+            )
+            self.h.load(
+                f"{server.name} base-only",
+                [Target(server.base_model_name, server.base_url, "base")],
+                scenario="llamacpp",
+                server=server,
+                adapters=0,
+                requests=c.llamacpp_requests,
+            )
+            self.h.stop(server)
+
+
 class PeftPeer:
-    """Scenario 4: the transformers + PEFT peer, then the shared base with the same adapters,
+    """Scenario 3: the transformers + PEFT peer, then the shared base with the same adapters,
     requests and concurrency right after it (a paired run)."""
 
     def __init__(self, h: Harness, adapters: dict[str, Path]):
@@ -311,7 +376,7 @@ class PeftPeer:
 
 
 class Monolithic:
-    """Scenario 3: one merged model per tenant, each in its own vLLM engine process."""
+    """Scenario 5: one merged model per tenant, each in its own vLLM engine process."""
 
     def __init__(self, h: Harness, merged: dict[str, Path]):
         self.h = h

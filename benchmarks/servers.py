@@ -105,6 +105,7 @@ class Server:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     base_model_name: str = ""
+    health_path: str = "/health"  # llama.cpp's Python server has none: its /v1/models then
     proc: subprocess.Popen[bytes] | None = None
     spawned_at: float = 0.0
     ready_s: float | None = None
@@ -139,7 +140,7 @@ class Server:
                         f"{self.name} exited ({self.proc.returncode}): {self.tail()}"
                     )
                 try:
-                    if client.get(self.root_url + "/health").status_code == 200:
+                    if client.get(self.root_url + self.health_path).status_code == 200:
                         listing = client.get(self.base_url + "/models")
                         # A server that needs a key (401) is up; its base name is known already.
                         closed = listing.status_code == 401 and self.base_model_name
@@ -265,3 +266,35 @@ def peft_server(
     for lname, path in loras.items():
         cmd += ["--lora", f"{lname}={path}"]
     return Server(name, cmd, port, log_dir / f"{name}.log", base_model_name="base")
+
+
+def llamacpp_server(name: str, python: str, gguf: Path, log_dir: Path, threads: int) -> Server:
+    """llama.cpp's OpenAI-compatible server (`llama-cpp-python`'s `llama_cpp.server`) on one GGUF
+    file. It runs one request at a time; the others wait in its queue."""
+    port = free_port()
+    cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"]
+    cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"]
+    return Server(
+        name, cmd, port, log_dir / f"{name}.log", base_model_name="base", health_path="/v1/models"
+    )
+
+
+def find_llama_cpp_python(explicit: str | None) -> str | None:
+    """A Python that can import llama_cpp.server: the one given, this one, or
+    $TENANTLORA_LLAMA_CPP_PYTHON. llama-cpp-python compiles llama.cpp at install (about 5 min on
+    2 cores), so it is not a dependency of the project; see the README's benchmark section."""
+    candidates = [explicit, os.environ.get("TENANTLORA_LLAMA_CPP_PYTHON"), sys.executable]
+    for python in [c for c in candidates if c]:
+        try:
+            ok = (
+                subprocess.run(
+                    [python, "-c", "import llama_cpp.server"], capture_output=True, timeout=60
+                ).returncode
+                == 0
+            )
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return python
+    return None
