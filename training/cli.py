@@ -56,6 +56,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         save_dtype=args.save_dtype,
     )
+    if getattr(args, "search", False):
+        from training.search import SearchError, run_from_args
+
+        try:
+            result = run_from_args(cfg, args)
+        except (DataError, TrainingError, SearchError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: result.report[k] for k in ("chosen", "within_budget", "note")}))
+        return 0
     try:
         report = train(cfg)
     except (DataError, TrainingError) as exc:
@@ -192,6 +202,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="full: checkpoint dtype (bfloat16 halves it but erases small updates)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    from training import search
+
+    search.add_arguments(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
