@@ -88,14 +88,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.harness:
+        from training.harness_eval import cmd_harness
+
+        return cmd_harness(args)
+    if not args.data:
+        raise SystemExit("tenantlora eval: --data is required (except with --harness)")
     from serving.base_model import resolve_base_model
     from serving.settings import Settings
     from training.evaluate import EvalPlan, evaluate, summarize
+    from training.tasks import TASK_NAMES
 
     plan = EvalPlan(
         base=str(resolve_base_model(args.base, Settings().models_dir)),
         data_dir=Path(args.data),
-        tasks=args.tasks.split(","),
+        tasks=(args.tasks or ",".join(TASK_NAMES)).split(","),
         adapters={
             k: v
             for k, v in (
@@ -208,6 +215,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from training import harness_eval
     from training import results as results_mod
     from training.tasks import TASK_NAMES
 
@@ -240,10 +248,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_merge)
 
-    p = subparsers.add_parser("eval", help="held-out and forgetting scores through vLLM")
+    p = subparsers.add_parser(
+        "eval", help="held-out and forgetting scores through vLLM (--harness: lm-eval-harness)"
+    )
     p.add_argument("--base", default=_default_base())
-    p.add_argument("--data", required=True, help="folder from `tenantlora data generate`")
-    p.add_argument("--tasks", default=",".join(TASK_NAMES))
+    p.add_argument("--data", help="folder from `tenantlora data generate`")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=f"default: {','.join(TASK_NAMES)}; --harness: those in --data, general, general_mc",
+    )
     for flag, what in (
         ("--lora", "LoRA adapter"),
         ("--qlora", "QLoRA adapter"),
@@ -256,7 +270,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="default: the server's")
     p.add_argument("--enforce-eager", action="store_true", help="skip vLLM graph compilation")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model itself")
-    p.add_argument("--out", help="write the full results JSON here")
+    p.add_argument("--out", help="write the full results JSON here (--harness: a folder)")
+    harness_eval.add_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser(
