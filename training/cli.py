@@ -79,7 +79,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from training.merge import MergeError, merge
 
     try:
-        report = merge(Path(args.adapter), Path(args.out), base=args.base, dtype=args.dtype)
+        report = merge(
+            Path(args.adapter),
+            Path(args.out),
+            base=args.base,
+            dtype=args.dtype,
+            fmt=args.format,
+            gguf_dtype=args.gguf_dtype,
+        )
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -246,6 +253,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16"),
         help="float32: exact, checked within 1e-3; bfloat16: half the size, lossy",
     )
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "gguf"),
+        help="gguf: also write OUT/model-<gguf-dtype>.gguf (llama.cpp, Ollama), checked likewise",
+    )
+    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"))
     p.set_defaults(func=cmd_merge)
 
     p = subparsers.add_parser(
