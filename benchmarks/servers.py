@@ -240,7 +240,9 @@ def vllm_server(
     kv_cache_gib: float,
     enforce_eager: bool = False,
 ) -> Server:
-    """vLLM's own OpenAI server; with adapters it enables LoRA, without them it is a plain engine."""
+    """vLLM's own OpenAI server; with adapters it enables LoRA, without them it is a plain engine.
+    Its engine threads are bound as ours are (serving.engine.cpu_thread_binding), so both use the
+    same cores."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1"]
@@ -252,7 +254,18 @@ def vllm_server(
         cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max_loras)]
         cmd += ["--max-cpu-loras", str(max(max_cpu_loras, max_loras)), "--lora-modules"]
         cmd += [f"{n}={p}" for n, p in loras.items()]
-    return Server(name, cmd, port, log_dir / f"{name}.log", base_model_name="base")
+    return Server(name, cmd, port, log_dir / f"{name}.log", engine_thread_env(), "base")
+
+
+def engine_thread_env() -> dict[str, str]:
+    """The CPU thread binding `tenantlora serve` gives its engine by default, for vLLM's server."""
+    from serving.engine import cpu_thread_binding, on_gpu
+    from serving.settings import Settings
+
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or on_gpu():
+        return {}
+    binding = cpu_thread_binding(Settings())
+    return {} if binding is None else {"VLLM_CPU_OMP_THREADS_BIND": binding}
 
 
 def peft_server(

@@ -25,6 +25,7 @@ _SERVE_FLAGS: dict[str, dict] = {
     "kv_cache_gib": {"type": float},
     "dtype": {"type": str},
     "max_num_seqs": {"type": int},
+    "cpu_threads": {"type": int},
     "max_adapter_bytes": {"type": int},
     "tenant_max_adapters": {"type": int},
     "tenant_max_bytes": {"type": int},

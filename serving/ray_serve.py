@@ -61,6 +61,7 @@ class TenantloraEngine:
 
     async def __init__(self, settings: Settings) -> None:
         from serving.app import create_app
+        from serving.engine import on_gpu
 
         self.settings = settings
         self.app: FastAPI = create_app(settings)
@@ -81,7 +82,7 @@ class TenantloraEngine:
             return await self._load(model_id)
 
         self._load_adapter = serve.multiplexed(
-            max_num_models_per_replica=settings.adapter_cache_size
+            max_num_models_per_replica=settings.adapter_cache_size(on_gpu())
         )(load_adapter)
         log.info("tenantlora replica %s ready (pid %d)", self.replica_id, os.getpid())
 

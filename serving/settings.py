@@ -10,6 +10,9 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# Adapter slots per engine step when max_loras is not set (see benchmarks/results/serving_benchmark.md).
+DEFAULT_MAX_LORAS_CPU = 32
+DEFAULT_MAX_LORAS_GPU = 4
 
 
 def _default_data_dir() -> Path:
@@ -37,7 +40,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="Registry database URL (default: SQLite file in the data dir)."
     )
-    max_loras: int = Field(4, description="Adapters resident on the device in one batch.")
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Distinct adapters in one engine step (vLLM max_loras). Default: 32 on a CPU "
+        "(fewer slots make mixed-adapter batches wait for a slot; a slot costs host memory, about "
+        "30 MB for SmolLM2-135M at rank 16), 4 on a GPU.",
+    )
     max_cpu_loras: int = Field(16, description="Adapters cached in host memory (LRU).")
     max_lora_rank: int = Field(16, description="Largest adapter rank accepted.")
     max_model_len: int = Field(2048, description="Context length (prompt + completion tokens).")
@@ -66,6 +75,13 @@ class Settings(BaseSettings):
         description="Use tenantlora's grouped LoRA ops on the CPU (vLLM plugin, serving/cpu_lora; "
         "same greedy outputs as vLLM's ops, about 1.6x their decode speed with adapters). "
         "Stands down by itself on a GPU or another vLLM version.",
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Engine threads on a CPU (vLLM's VLLM_CPU_OMP_THREADS_BIND, which wins when "
+        "set). Default: every core on machines with at most 4 cores, where vLLM's own binding "
+        "keeps a whole core for its front end; vLLM's binding on bigger machines.",
     )
     admin_key: SecretStr | None = Field(
         None, description="Admin API key (tenant management). Unset: admin routes are closed."
@@ -235,10 +251,14 @@ class Settings(BaseSettings):
     def requires_auth(self) -> bool:
         return self.admin_key is not None if self.auth_required is None else self.auth_required
 
-    @property
-    def adapter_cache_size(self) -> int:
+    def effective_max_loras(self, gpu: bool) -> int:
+        if self.max_loras is not None:
+            return self.max_loras
+        return DEFAULT_MAX_LORAS_GPU if gpu else DEFAULT_MAX_LORAS_CPU
+
+    def adapter_cache_size(self, gpu: bool) -> int:
         """Adapters one engine holds at most (device slots + vLLM's host LRU cache)."""
-        return max(self.max_cpu_loras, self.max_loras)
+        return max(self.max_cpu_loras, self.effective_max_loras(gpu))
 
     @property
     def models_dir(self) -> Path:
