@@ -645,9 +645,11 @@ class Registry:
         base_model: str,
         source: str,
         pin: int | None = None,
+        enforce_quota: bool = True,
     ) -> AdapterVersion:
-        """Record a new version of `name` for `tenant`, enforcing the tenant's quotas; release
-        the registration's store pin (`pin_digest`) in the same transaction."""
+        """Record a new version of `name` for `tenant`, enforcing the tenant's quotas (not for the
+        operator's start-up adapters: ``enforce_quota=False``); release the registration's store
+        pin (`pin_digest`) in the same transaction."""
         with self._tx() as db:
             db.lock_tenant(tenant.id)
             if not db.execute(_LIVE_TENANT, (tenant.id,)):  # deleted while the upload ran
@@ -658,12 +660,12 @@ class Registry:
                 (tenant.id,),
             )[0]
             count, used = int(usage["n"]), int(usage["used"])
-            if count + 1 > tenant.max_adapters:
+            if enforce_quota and count + 1 > tenant.max_adapters:
                 raise QuotaExceeded(
                     f"tenant {tenant.name!r} already has {count} adapter versions "
                     f"(quota {tenant.max_adapters})"
                 )
-            if used + size_bytes > tenant.max_bytes:
+            if enforce_quota and used + size_bytes > tenant.max_bytes:
                 raise QuotaExceeded(
                     f"tenant {tenant.name!r} would use {used + size_bytes} bytes "
                     f"(quota {tenant.max_bytes})"

@@ -139,6 +139,8 @@ class AdapterService:
                 base_model=self.base.name,
                 source=source,
                 pin=pin,
+                # The operator's --lora list is configuration, not a tenant's upload.
+                enforce_quota=source != "static",
             )
         except BaseException:
             self.registry.release_digest(digest, self.store.remove, pin=pin)

@@ -122,6 +122,17 @@ def test_quota_refusal_stores_nothing(service, adapter_dirs):
     assert [a.name for a in AdapterCatalog(service.registry).visible(small)] == ["one"]
 
 
+def test_static_adapters_are_not_held_to_the_public_quota(service, adapter_dirs):
+    """The operator's --lora list is configuration: more of them than the public tenant's quota
+    still register (the benchmark serves 128), while uploads to that tenant stay bounded."""
+    service.public = service.registry.update_tenant(service.public, max_adapters=1)
+    a = service.ensure_static("one", adapter_dirs["a"])
+    b = service.ensure_static("two", adapter_dirs["b"])
+    assert (a.name, b.name) == ("one", "two")
+    with pytest.raises(QuotaExceeded):
+        service.register_folder(service.public, "three", adapter_dirs["c"])
+
+
 def test_registry_survives_reopen(service, adapter_dirs, registry_url):
     tenant, key = service.registry.create_tenant("acme", max_adapters=5, max_bytes=10**9)
     version = service.register_folder(tenant, "support", adapter_dirs["a"])
