@@ -125,6 +125,7 @@ class Harness:
         seed: int = 0,
         group: str | None = None,
         prompt_len: str | None = None,
+        extra_body: dict[str, object] | None = None,
     ) -> LoadRun:
         """Run one bounded load, record it with vLLM's phase times when the server has them and
         with what else the machine did meanwhile (benchmarks.quiet)."""
@@ -142,6 +143,7 @@ class Harness:
             max_tokens=LengthDist.parse(str(c.max_tokens)),
             request_timeout=c.request_timeout,
             seed=seed,
+            extra_body=dict(extra_body or {}),
         )
         before = scrape_metrics(server.root_url) if server else {}
         log.info("load %s: %d requests over %d targets", label, cfg.requests, len(targets))

@@ -99,6 +99,9 @@ class LoadConfig:
     temperature: float = 0.0
     request_timeout: float = 120.0
     seed: int = 0
+    # Sent with every request (e.g. llama.cpp's logit_bias on its end tokens, which stands in for
+    # ignore_eos there).
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -239,6 +242,7 @@ def _payload(cfg: LoadConfig, item: _Planned) -> tuple[str, dict[str, Any]]:
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # vLLM / LoRAX extension; plain OpenAI servers ignore it
+    body.update(cfg.extra_body)
     if cfg.api == "chat":
         body["messages"] = [{"role": "user", "content": item.prompt}]
         return "/chat/completions", body

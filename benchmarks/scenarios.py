@@ -316,6 +316,8 @@ class LlamaCppPeer:
             )
             return
         threads = os.cpu_count() or 1
+        # llama.cpp has no ignore_eos: a -inf bias on the end tokens makes it write max_tokens too.
+        no_eos = {"logit_bias": {str(t): -100.0 for t in _end_token_ids(Path(c.base_model))}}
         for label, path in self.ggufs.items():
             server = self.h.start(
                 llamacpp_server(f"llama.cpp-{label}", python, path, self.h.log_dir, threads)
@@ -332,6 +334,7 @@ class LlamaCppPeer:
                 concurrency=1,
                 requests=c.single_requests,
                 prompt_len=str(c.single_prompt_words),
+                extra_body=no_eos,
             )
             self.h.load(
                 f"{server.name} base-only",
@@ -340,8 +343,27 @@ class LlamaCppPeer:
                 server=server,
                 adapters=0,
                 requests=c.llamacpp_requests,
+                extra_body=no_eos,
             )
             self.h.stop(server)
+
+
+def _end_token_ids(model_dir: Path) -> set[int]:
+    """The ids generation may stop at: the config's eos ids and the tokenizer's special tokens
+    (llama.cpp also ends at <|endoftext|> and the like)."""
+    import json
+
+    ids: set[int] = set()
+    tokenizer = model_dir / "tokenizer.json"
+    if tokenizer.exists():
+        added = json.loads(tokenizer.read_text()).get("added_tokens", [])
+        ids.update(t["id"] for t in added if t.get("special"))
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
 
 
 class PeftPeer:
