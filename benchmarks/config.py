@@ -42,7 +42,7 @@ class BenchConfig:
     llamacpp_requests: int = 32
     hot_swap_trials: int = 3
     request_timeout: float = 600.0
-    max_load: float = 1.5  # a run that starts above this 1-minute load average is flagged
+    max_load: float = 1.5  # the invocation waits for the 1-minute load average to fall to this
     quiet_wait_s: float = 180.0  # wait up to this long for the machine to be quiet at start
     time_budget: float | None = None  # seconds; later LoRA-ops variants are skipped past it
     enforce_eager: bool = False  # every vLLM engine alike: skips torch.compile at start

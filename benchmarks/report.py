@@ -353,8 +353,10 @@ def _quiet_summary(results: dict[str, Any]) -> str:
     noisy = [x["label"] for x in results["loads"] if x.get("noisy")]
     if not noisy:
         return (
-            "Every run was quiet: no other process used more than 5 % of the CPU during it, and "
-            "none started above the load limit."
+            "Every run was quiet: processes outside the benchmark used at most "
+            f"{max((100 * (x.get('quiet') or {}).get('foreign_share', 0) for x in results['loads']), default=0):.1f} "
+            "% of the CPU during any run (flag above 5 %). The load average before a run "
+            "includes the previous run's own servers."
         )
     return f"**{len(noisy)} runs were not quiet** (flagged in the table): {', '.join(noisy)}."
 

@@ -44,6 +44,10 @@ from benchmarks.servers import (
 
 log = logging.getLogger(__name__)
 
+# Every load on one server draws its own prompts (the seed picks them): a repeated prompt would hit
+# vLLM's prefix cache and skip its prefill. The sweep uses seed N (0 = base only).
+SEED_WARMUP, SEED_SINGLE, SEED_RATE, SEED_PEFT = 9001, 9002, 9100, 9200
+
 
 def adapter_targets(server: Server, names: list[str]) -> list[Target]:
     """One target per adapter, each adapter its own tenant."""
@@ -157,6 +161,7 @@ class SharedBase:
                 concurrency=1,
                 requests=c.single_requests,
                 prompt_len=str(c.single_prompt_words),
+                seed=SEED_SINGLE,
             )
 
     def adapter_costs(self) -> None:
@@ -171,6 +176,7 @@ class SharedBase:
             server=s,
             adapters=0,
             requests=c.concurrency,
+            seed=SEED_WARMUP,
         )
         mem0 = s.memory()
         self.hot_swap(self.names[::-1][: c.hot_swap_trials])
@@ -243,7 +249,7 @@ class SharedBase:
         assert self.server is not None
         c, s = self.h.cfg, self.server
         n_rate = max(n for n in c.adapter_counts if n <= 32)
-        for rate in c.rates:
+        for i, rate in enumerate(c.rates):
             self.h.load(
                 f"{s.name} base-only rate={rate}",
                 [Target(s.base_model_name, s.base_url, "base")],
@@ -252,6 +258,7 @@ class SharedBase:
                 adapters=0,
                 rate=rate,
                 requests=c.rate_requests,
+                seed=SEED_RATE + i,
             )
             self.h.load(
                 f"{s.name} N={n_rate} rate={rate}",
@@ -261,6 +268,7 @@ class SharedBase:
                 adapters=n_rate,
                 rate=rate,
                 requests=c.rate_requests,
+                seed=SEED_RATE + 50 + i,
             )
 
 
@@ -334,6 +342,7 @@ class LlamaCppPeer:
                 concurrency=1,
                 requests=c.single_requests,
                 prompt_len=str(c.single_prompt_words),
+                seed=SEED_SINGLE,
                 extra_body=no_eos,
             )
             self.h.load(
@@ -391,7 +400,7 @@ class PeftPeer:
                 server=server,
                 adapters=len(names),
                 requests=c.peft_requests,
-                seed=len(names),
+                seed=SEED_PEFT,
                 group="peft",
             )
         self.h.stop(peer)

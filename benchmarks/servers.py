@@ -288,6 +288,8 @@ def llamacpp_server(name: str, python: str, gguf: Path, log_dir: Path, threads: 
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"]
     cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"]
+    # By default it cancels the running request when another arrives; queue them instead.
+    cmd += ["--interrupt_requests", "False"]
     return Server(
         name, cmd, port, log_dir / f"{name}.log", base_model_name="base", health_path="/v1/models"
     )
