@@ -54,6 +54,23 @@ def adapter_targets(server: Server, names: list[str]) -> list[Target]:
     return [Target(a, server.base_url, f"tenant-{a}") for a in names]
 
 
+def vllm_lora_server(h: Harness, name: str, adapters: dict[str, Path]) -> Server:
+    """`vllm serve --enable-lora` with every adapter as a --lora-modules entry and the
+    benchmark's engine settings (the same as ours)."""
+    c = h.cfg
+    return vllm_server(
+        name,
+        c.base_model,
+        adapters,
+        h.log_dir,
+        c.engine_max_loras(),
+        len(adapters),
+        c.max_model_len,
+        c.kv_cache_gib,
+        enforce_eager=c.enforce_eager,
+    )
+
+
 def plain_engine(h: Harness, name: str, model: str) -> Server:
     """vLLM's own server for ``model`` without LoRA, with the benchmark's engine settings."""
     c = h.cfg
@@ -99,17 +116,7 @@ class SharedBase:
                 enforce_eager=c.enforce_eager,
             )
         else:
-            spec = vllm_server(
-                name,
-                c.base_model,
-                self.adapters,
-                self.h.log_dir,
-                c.engine_max_loras(),
-                len(self.names),
-                c.max_model_len,
-                c.kv_cache_gib,
-                enforce_eager=c.enforce_eager,
-            )
+            spec = vllm_lora_server(self.h, name, self.adapters)
         server = self.server = self.h.start(spec)
         first = self.h.first_request(server, server.base_model_name)
         self.h.record_engine(
@@ -150,19 +157,8 @@ class SharedBase:
     def single_request(self, servers: list[Server]) -> None:
         """One request alone (concurrency 1, greedy, ignore_eos) on the base model of each server:
         the per-token time without batching."""
-        c = self.h.cfg
         for server in servers:
-            self.h.load(
-                f"{server.name} single request",
-                [Target(server.base_model_name, server.base_url, "base")],
-                scenario="single",
-                server=server,
-                adapters=0,
-                concurrency=1,
-                requests=c.single_requests,
-                prompt_len=str(c.single_prompt_words),
-                seed=SEED_SINGLE,
-            )
+            single_request_load(self.h, server)
 
     def adapter_costs(self) -> None:
         """Warm the runtime on the base model at the benchmark's concurrency, measure memory with
@@ -282,19 +278,7 @@ class VllmServePeer:
         self.server: Server | None = None
 
     def start(self) -> Server:
-        c = self.h.cfg
-        spec = vllm_server(
-            "vllm-serve",
-            c.base_model,
-            self.adapters,
-            self.h.log_dir,
-            c.engine_max_loras(),
-            len(self.adapters),
-            c.max_model_len,
-            c.kv_cache_gib,
-            enforce_eager=c.enforce_eager,
-        )
-        server = self.server = self.h.start(spec)
+        server = self.server = self.h.start(vllm_lora_server(self.h, "vllm-serve", self.adapters))
         first = self.h.first_request(server, server.base_model_name)
         self.h.record_engine(server, "vllm-peer", first_request=first, memory=server.memory())
         return server
@@ -333,18 +317,7 @@ class LlamaCppPeer:
             record = self.h.record_engine(server, "llamacpp-peer", threads=threads)
             record.first_request = self.h.first_request(server, server.base_model_name)
             record.memory = server.memory()
-            self.h.load(
-                f"{server.name} single request",
-                [Target(server.base_model_name, server.base_url, "base")],
-                scenario="single",
-                server=server,
-                adapters=0,
-                concurrency=1,
-                requests=c.single_requests,
-                prompt_len=str(c.single_prompt_words),
-                seed=SEED_SINGLE,
-                extra_body=no_eos,
-            )
+            single_request_load(self.h, server, extra_body=no_eos)
             self.h.load(
                 f"{server.name} base-only",
                 [Target(server.base_model_name, server.base_url, "base")],
@@ -355,6 +328,26 @@ class LlamaCppPeer:
                 extra_body=no_eos,
             )
             self.h.stop(server)
+
+
+def single_request_load(
+    h: Harness, server: Server, extra_body: dict[str, object] | None = None
+) -> None:
+    """One request at a time on the server's base model (greedy, max_tokens written): the
+    per-token time without batching."""
+    c = h.cfg
+    h.load(
+        f"{server.name} single request",
+        [Target(server.base_model_name, server.base_url, "base")],
+        scenario="single",
+        server=server,
+        adapters=0,
+        concurrency=1,
+        requests=c.single_requests,
+        prompt_len=str(c.single_prompt_words),
+        seed=SEED_SINGLE,
+        extra_body=extra_body,
+    )
 
 
 def _end_token_ids(model_dir: Path) -> set[int]:
