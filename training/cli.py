@@ -131,6 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib,
         enforce_eager=args.enforce_eager,
         include_base=not args.skip_base,
+        dtype=args.dtype,
     )
     cells = evaluate(plan)
     result = {"summary": summarize(cells), "cells": [vars(c) for c in cells]}
@@ -284,6 +285,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="default: the server's")
     p.add_argument("--enforce-eager", action="store_true", help="skip vLLM graph compilation")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model itself")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="engine dtype (auto: as the server picks it; float32 keeps small full fine-tune "
+        "updates that bfloat16 weights round away)",
+    )
     p.add_argument("--out", help="write the full results JSON here (--harness: a folder)")
     harness_eval.add_arguments(p)
     p.set_defaults(func=cmd_eval)

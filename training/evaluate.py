@@ -186,6 +186,7 @@ class EvalPlan:
     kv_cache_gib: float | None = None
     enforce_eager: bool = False
     include_base: bool = True  # False: skip the base model's own scores (already measured)
+    dtype: str = "auto"  # float32 scores what fp32 training made (bf16 rounds small updates)
 
     def engines(self) -> list[EngineSpec]:
         general = str(self.data_dir / "general" / "eval.jsonl")
@@ -198,6 +199,7 @@ class EvalPlan:
             memory_share=self.memory_share,
             kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager,
+            dtype=self.dtype,
         )
         runs = []
         if self.include_base:

@@ -197,6 +197,7 @@ class SearchOptions:
     kv_cache_gib: float | None = None
     memory_share: float | None = None
     enforce_eager: bool = False
+    dtype: str = "auto"  # scoring engine's dtype (see `tenantlora eval --dtype`)
 
 
 @dataclass
@@ -236,6 +237,7 @@ def score_round(
         memory_share=options.memory_share,
         kv_cache_gib=options.kv_cache_gib,
         enforce_eager=options.enforce_eager,
+        dtype=options.dtype,
     )
 
     def runs(label: str, adapter: str | None) -> list[Run]:
@@ -565,6 +567,12 @@ def add_arguments(p) -> None:
     g.add_argument("--search-eval-limit", type=int, help="score at most N examples per set")
     g.add_argument("--search-kv-cache-gib", type=float, help="scoring engine's KV cache")
     g.add_argument("--search-enforce-eager", action="store_true", help="skip graph compilation")
+    g.add_argument(
+        "--search-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="scoring engine's dtype (as `tenantlora eval --dtype`)",
+    )
 
 
 def run_from_args(cfg: TrainConfig, args) -> SearchResult:
@@ -584,5 +592,6 @@ def run_from_args(cfg: TrainConfig, args) -> SearchResult:
         eval_limit=args.search_eval_limit,
         kv_cache_gib=args.search_kv_cache_gib,
         enforce_eager=args.search_enforce_eager,
+        dtype=args.search_dtype,
     )
     return search(cfg, options)
