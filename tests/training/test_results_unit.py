@@ -58,15 +58,15 @@ def test_validation_split_shares_no_prompt(tmp_path: Path) -> None:
     generate_all(tmp_path, n_train=200, n_eval=30, tasks=("intent", "format"))
     results.write_validation_split(tmp_path, ["intent", "format", "catalog"], 30)
     assert not (tmp_path / "catalog" / "valid.jsonl").exists()
+
+    def prompts(task: str, split: str) -> set[str]:
+        lines = (tmp_path / task / f"{split}.jsonl").read_text().splitlines()
+        return {json.loads(line)["messages"][0]["content"] for line in lines}
+
     for task in ("intent", "format"):
-
-        def prompts(split: str) -> set[str]:
-            lines = (tmp_path / task / f"{split}.jsonl").read_text().splitlines()
-            return {json.loads(line)["messages"][0]["content"] for line in lines}
-
-        valid = prompts("valid")
+        valid = prompts(task, "valid")
         assert len(valid) == 30
-        assert not valid & prompts("train") and not valid & prompts("eval")
+        assert not valid & prompts(task, "train") and not valid & prompts(task, "eval")
 
 
 def _row(method: str, task: str, score: float, forgetting: float, mc: float, share=0.0178):
