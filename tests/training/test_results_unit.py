@@ -98,8 +98,8 @@ def test_goals_from_rows() -> None:
     assert goals["lora_vs_full_forgetting_general_format"]["met"] is False
     assert goals["lora_vs_full_forgetting_harness_mc_intent"]["met"] is False
     assert goals["knowledge_best_score_catalog"] == {
-        "value": 0.625,
-        "goal": ">= 0.5 for at least one method",
+        "value": 62.5,
+        "goal": ">= 50 (%) for at least one method",
         "met": True,
     }
     assert goals["knowledge_lora_vs_full_catalog"]["value"] == pytest.approx(-22.5)
