@@ -17,11 +17,26 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_has_native_bf16() -> bool:
+def _cpu_capabilities() -> dict[str, bool]:
     import torch
 
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
+def cpu_has_native_bf16() -> bool:
+    caps = _cpu_capabilities()
     return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def cpu_description() -> str:
+    """Model, cores and vector ISA, e.g. "AMD EPYC, 2 cores, AVX-512 BF16": what a reported
+    figure needs to say about the CPU it came from."""
+    import os
+
+    caps = _cpu_capabilities()
+    isa = "AVX-512" if caps.get("avx512_f") else ("AVX2" if caps.get("avx2") else "no AVX2")
+    bf16 = " BF16" if cpu_has_native_bf16() else ""
+    return f"{cpu_model_name()}, {os.cpu_count()} cores, {isa}{bf16}"
 
 
 def resolve_dtype(dtype: str, gpu: bool) -> str:

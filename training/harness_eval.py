@@ -222,15 +222,20 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def started_server(base: str, loras: dict[str, str], log_path: Path) -> Iterator[str]:
-    """`tenantlora serve` with `loras` as static adapters on a free port; stopped on exit."""
+def started_server(
+    base: str, loras: dict[str, str], log_path: Path, settings: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`tenantlora serve` with `loras` as static adapters on a free port; stopped on exit.
+    `settings`: TENANTLORA_* variables for that server only (e.g. its dtype)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--base-model", base]
     for name, path in loras.items():
         cmd += ["--lora", f"{name}={path}"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(settings or {})}
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -48,10 +48,18 @@ def parse_recipes(values: list[str] | None) -> dict[str, dict[str, str]]:
         run, _, spec = value.partition("=")
         fields = dict(item.split(":", 1) for item in spec.split(",") if ":" in item)
         unknown = set(fields) - {"lr", "steps", "rank"}
-        if not run or not fields or unknown:
+        if not run or not fields or unknown or not _numbers(fields):
             raise SystemExit(f"--recipe {value!r}: expected METHOD-TASK=lr:X,steps:N,rank:R")
         out[run] = fields
     return out
+
+
+def _numbers(fields: dict[str, str]) -> bool:
+    """lr a positive float, steps and rank positive integers."""
+    try:
+        return all((float(v) if k == "lr" else int(v)) > 0 for k, v in fields.items())
+    except ValueError:
+        return False
 
 
 def _searched(args: argparse.Namespace, method: str, task: str) -> bool:
@@ -254,7 +262,7 @@ def stage_harness(args: argparse.Namespace, work: Path) -> None:
     from training.harness_eval import MC_TASK, HarnessPlan, started_server, write_report
     from training.harness_eval import run as harness_run
 
-    os.environ["TENANTLORA_DTYPE"] = args.dtype  # the servers score as the vLLM eval does
+    settings = {"TENANTLORA_DTYPE": args.dtype}  # the servers score as the vLLM eval does
     todo = [
         (
             base,
@@ -268,7 +276,7 @@ def stage_harness(args: argparse.Namespace, work: Path) -> None:
     for base, loras, models in todo:
         log_path = work / "logs" / f"harness-{Path(base).name}.log"
         with contextlib.ExitStack() as stack:
-            server = stack.enter_context(started_server(base, loras, log_path))
+            server = stack.enter_context(started_server(base, loras, log_path, settings))
             for key, model in models:
                 plan = HarnessPlan(
                     server=server,
@@ -286,9 +294,7 @@ def stage_harness(args: argparse.Namespace, work: Path) -> None:
 
 def _record_end_load(work: Path) -> None:
     """The load average as the run's last measuring stage ends (a re-rendered table keeps it)."""
-    meta = _run_meta(work)
-    meta["load_after"] = round(os.getloadavg()[0], 2)
-    (work / "run_meta.json").write_text(json.dumps(meta) + "\n")
+    _save_run_meta(work, {**_run_meta(work), "load_after": round(os.getloadavg()[0], 2)})
 
 
 def _harness_acc(work: Path, key: str) -> float | None:
@@ -362,6 +368,7 @@ def build_rows(work: Path) -> tuple[list[dict], dict]:
     evaluation = {"cells": cells, "summary": summary}
     rows = []
     base = summary.get("base", {})
+    base_mc = _harness_acc(work, "base")
     for label in ("base", "lora", "qlora", "full", "merged"):
         for task, cell in sorted(summary.get(label, {}).items()):
             row = {
@@ -379,7 +386,6 @@ def build_rows(work: Path) -> tuple[list[dict], dict]:
                 row.update(_training_fields(r), **_search_fields(run))
             key = "base" if label == "base" else f"{label}-{task}"
             row["mc_acc"] = _harness_acc(work, key)
-            base_mc = _harness_acc(work, "base")
             if label != "base" and row["mc_acc"] is not None and base_mc is not None:
                 row["mc_forgetting"] = base_mc - row["mc_acc"]
             if label == "merged" and (run / "merge_report.json").is_file():
@@ -634,27 +640,23 @@ def write_plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cpu_description() -> str:
-    from serving.hardware import cpu_has_native_bf16, cpu_model_name
-
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
-    bf16 = " BF16" if cpu_has_native_bf16() else ""
-    return f"{cpu_model_name()}, {os.cpu_count()} cores, {isa}{bf16}"
-
-
 def _run_meta(work: Path) -> dict:
     """Facts recorded when the run started (its load average), kept across resumed stages."""
     path = work / "run_meta.json"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"load_before": round(os.getloadavg()[0], 2)}) + "\n")
+        _save_run_meta(work, {"load_before": round(os.getloadavg()[0], 2)})
     return json.loads(path.read_text())
+
+
+def _save_run_meta(work: Path, meta: dict) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run_meta.json").write_text(json.dumps(meta) + "\n")
 
 
 def stage_table(args: argparse.Namespace, work: Path, out_dir: Path) -> None:
     import vllm
 
+    from serving.hardware import cpu_description
     from training.harness_eval import MC_DATA
     from training.tasks import GENERAL_QUESTIONS
 
@@ -662,7 +664,7 @@ def stage_table(args: argparse.Namespace, work: Path, out_dir: Path) -> None:
     devices = {r["device"] for r in rows if r.get("device")}
     meta = {
         "device": ", ".join(sorted(devices)) or "cpu",
-        "cpu": _cpu_description(),
+        "cpu": cpu_description(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "load_before": _run_meta(work)["load_before"],
         "load_after": _run_meta(work).get("load_after", round(os.getloadavg()[0], 2)),

@@ -28,7 +28,7 @@ def _args(**overrides) -> argparse.Namespace:
 def test_parse_recipes() -> None:
     got = results.parse_recipes(["lora-catalog=lr:1e-3,steps:160", "full-catalog=lr:5e-5"])
     assert got == {"lora-catalog": {"lr": "1e-3", "steps": "160"}, "full-catalog": {"lr": "5e-5"}}
-    for bad in ("lora-catalog", "=lr:1", "lora-x=speed:3"):
+    for bad in ("lora-catalog", "=lr:1", "lora-x=speed:3", "lora-x=steps:abc", "lora-x=lr:-1"):
         with pytest.raises(SystemExit):
             results.parse_recipes([bad])
 
