@@ -35,6 +35,7 @@ is only harmless while that slot is empty (fewer resident adapters than ``max_lo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "grouped_lora_linear",
     "segment_mm",
     "stack_lora_weights",
+    "stack_lora_weights_compact",
 ]
 
 
@@ -95,18 +97,53 @@ def stack_lora_weights(
     return StackedLoRA(a_views, a_cat), StackedLoRA(b_views, b_cat)
 
 
+def stack_lora_weights_compact(
+    lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+) -> tuple[StackedLoRA, StackedLoRA] | None:
+    """Fresh zeroed storage in the weights' own dtype for the fused kernel (serving/cpu_lora/
+    lora_kernel.cpp): ``.cat`` of A is (S, 1, K, n*r) as in ``stack_lora_weights``, of B the
+    *compact* (S, 1, r, sum N_i): slice i's expand in its own columns, no block-diagonal zeros
+    (a third of the bytes for q/k/v). B's tuple also carries ``.cols``: the (n+1,) int64 column
+    bounds of the slices. None when the shapes do not fit.
+    """
+    n = len(lora_a)
+    if n == 0 or n != len(lora_b):
+        return None
+    slots, _, r, k = lora_a[0].shape
+    dtype, device = lora_a[0].dtype, lora_a[0].device
+    if any(a.shape != (slots, 1, r, k) or a.dtype != dtype for a in lora_a):
+        return None
+    if any(b.ndim != 4 or b.shape[:2] != (slots, 1) or b.shape[3] != r for b in lora_b):
+        return None
+    outs = [b.shape[2] for b in lora_b]
+    a_cat = torch.zeros(slots, 1, k, n * r, dtype=dtype, device=device)
+    b_cat = torch.zeros(slots, 1, r, sum(outs), dtype=dtype, device=device)
+    bounds = [0, *itertools.accumulate(outs)]
+    a_views = [a_cat[:, :, :, i * r : (i + 1) * r].transpose(2, 3) for i in range(n)]
+    b_views = [b_cat[:, :, :, bounds[i] : bounds[i + 1]].transpose(2, 3) for i in range(n)]
+    b_stacked = StackedLoRA(b_views, b_cat)
+    b_stacked.cols = torch.tensor(bounds, dtype=torch.int64)
+    return StackedLoRA(a_views, a_cat), b_stacked
+
+
 @dataclass(frozen=True)
 class TokenGroups:
     """Token-to-adapter grouping of one engine step (see the module docstring for shapes).
 
     ``single`` is the slot when every token uses the same one (then ``perm``/``offs`` are None
-    and the op works on the rows in place).
+    and the op works on the rows in place). ``rows``/``slots``/``ends`` (int64) are the same
+    grouping for the fused kernel: the rows with an adapter grouped by slot, and per present
+    slot its slot number and the exclusive end of its rows.
     """
 
     num_tokens: int
     single: int | None
     perm: torch.Tensor | None
     offs: torch.Tensor | None
+    rows: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    ends: torch.Tensor | None = None
+    max_slot: int = -1
 
 
 def group_tokens(token_slots: torch.Tensor, num_slots: int) -> TokenGroups | None:
@@ -116,13 +153,15 @@ def group_tokens(token_slots: torch.Tensor, num_slots: int) -> TokenGroups | Non
     n_none = int(counts[0])
     if n_none == num_tokens:
         return None
-    if n_none == 0:
-        present = torch.nonzero(counts[1:]).flatten()
-        if present.numel() == 1:
-            return TokenGroups(num_tokens, int(present[0]), None, None)
+    present = torch.nonzero(counts[1:]).flatten()
+    ends = torch.cumsum(counts[1:], 0)
+    kernel = {"slots": present, "ends": ends[present].contiguous(), "max_slot": int(present[-1])}
+    if n_none == 0 and present.numel() == 1:
+        rows = torch.arange(num_tokens, dtype=torch.int64)
+        return TokenGroups(num_tokens, int(present[0]), None, None, rows=rows, **kernel)
     perm = torch.argsort(token_slots, stable=True)[n_none:]  # -1 sorts first: drop those
-    offs = torch.cumsum(counts[1:], 0).to(torch.int32)
-    return TokenGroups(num_tokens, None, perm, offs)
+    offs = ends.to(torch.int32)
+    return TokenGroups(num_tokens, None, perm, offs, rows=perm.contiguous(), **kernel)
 
 
 def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

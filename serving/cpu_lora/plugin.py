@@ -113,8 +113,12 @@ def _stack_layer_weights(layer: Any) -> None:
         return
     if layer.lora_config.fully_sharded_loras or layer.lora_a_stacked[0].device.type != "cpu":
         return
-    from .ops import stack_lora_weights
+    from . import kernel
+    from .ops import stack_lora_weights, stack_lora_weights_compact
 
-    stacked = stack_lora_weights(layer.lora_a_stacked, layer.lora_b_stacked)
+    if layer.lora_a_stacked[0].dtype in kernel.DTYPES and kernel.load() is not None:
+        stacked = stack_lora_weights_compact(layer.lora_a_stacked, layer.lora_b_stacked)
+    else:
+        stacked = stack_lora_weights(layer.lora_a_stacked, layer.lora_b_stacked)
     if stacked is not None and sum(layer.output_slices) == stacked[1].cat.shape[3]:
         layer.lora_a_stacked, layer.lora_b_stacked = stacked

@@ -6,6 +6,7 @@ from __future__ import annotations
 from vllm.logger import init_logger
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from . import kernel
 from .ops import TokenGroups, group_tokens, grouped_lora_linear
 
 logger = init_logger("vllm.tenantlora.cpu_lora")
@@ -32,7 +33,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(
         self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
     ):
-        a_cat = getattr(lora_a_stacked, "cat", None)
+        a_cat = getattr(lora_a_stacked, "cat", None)  # (S, 1, K, R)
         b_cat = getattr(lora_b_stacked, "cat", None)
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
@@ -50,6 +51,24 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,
             )  # fmt: skip
-        if groups is not None:  # None: no token of this step has an adapter
+        if groups is None:  # no token of this step has an adapter
+            return None
+        cols = getattr(lora_b_stacked, "cols", None)
+        if cols is None:
             grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)
+        elif (
+            x2.dtype == y2.dtype == a_cat.dtype
+            and x2.stride(1) == 1
+            and y2.stride(1) == 1
+            and x2.shape[1] == a_cat.shape[2]
+            and groups.max_slot < a_cat.shape[0]
+        ):
+            kernel.lora_linear(
+                y2, x2, a_cat[:, 0], b_cat[:, 0], cols, groups.rows, groups.slots, groups.ends,
+                scale,
+            )  # fmt: skip
+        else:
+            return super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs
+            )
         return None

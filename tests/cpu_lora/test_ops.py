@@ -21,10 +21,12 @@ from vllm.lora.layers import LoRAMapping  # noqa: E402
 from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
+from serving.cpu_lora import kernel  # noqa: E402
 from serving.cpu_lora.ops import (  # noqa: E402
     group_tokens,
     grouped_lora_linear,
     stack_lora_weights,
+    stack_lora_weights_compact,
 )
 from serving.cpu_lora.punica import GroupedPunicaWrapperCPU  # noqa: E402
 
@@ -200,3 +202,112 @@ def test_punica_wrapper_falls_back_for_unstacked_weights():
         wrapper.add_lora_linear(y, x, a, b, 1.0, (16,))
         ys.append(y)
     assert torch.equal(ys[0], ys[1])
+
+
+# ---- the fused C++ kernel (serving/cpu_lora/lora_kernel.cpp) over the compact layout
+
+
+def _compact_weights(slots, k, outs, r, dtype, seed):
+    a, b, _, _ = _weights(slots, k, outs, r, dtype, seed)
+    sa, sb = stack_lora_weights_compact(a, b)
+    for i in range(len(outs)):
+        sa[i].copy_(a[i])
+        sb[i].copy_(b[i])
+    return a, b, sa, sb
+
+
+def _kernel_lora_linear(y, x, sa, sb, groups, scale):
+    kernel.lora_linear(y, x, sa.cat[:, 0], sb.cat[:, 0], sb.cols, groups.rows, groups.slots,
+                       groups.ends, scale)  # fmt: skip
+
+
+def test_kernel_builds_here():
+    assert kernel.load() is not None, "g++ is part of the install; the kernel must build"
+
+
+KERNEL_CASES = [c for c in CASES if c[0] in kernel.DTYPES] + [
+    (torch.bfloat16, 300, 8, 1, 16, 0.0, 1.0),  # a prefill-sized single group
+    (torch.bfloat16, 9, 4, 3, 8, 0.0, 0.25),  # R = 8 or 16 or 24: the vector tails
+    (torch.float32, 70, 6, 5, 8, 0.1, 1.0),
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS + [(100, (50, 30))], ids=lambda lay: f"k{lay[0]}-{lay[1]}")
+@pytest.mark.parametrize(
+    "case", KERNEL_CASES, ids=lambda c: f"{str(c[0])[6:]}-t{c[1]}-a{c[3]}-r{c[4]}"
+)
+def test_kernel_matches_reference(layer, case):
+    dtype, tokens, slots, used, rank, none_share, scale = case
+    k, outs = layer
+    a, b, sa, sb = _compact_weights(slots, k, outs, rank, dtype, seed=tokens * 7 + used)
+    gen = torch.Generator().manual_seed(tokens + rank + 1)
+    token_slots = torch.randint(0, used, (tokens,), generator=gen)
+    token_slots[torch.rand(tokens, generator=gen) < none_share] = -1
+    x = torch.randn(tokens, k, generator=gen).to(dtype)
+    y0 = torch.randn(tokens, sum(outs), generator=gen).to(dtype)
+    want = y0.clone()
+    _reference(want, x, a, b, token_slots, scale)
+    got = y0.clone()
+    groups = group_tokens(token_slots, slots)
+    if groups is not None:
+        _kernel_lora_linear(got, x, sa, sb, groups, scale)
+    _assert_close(got, want, y0, dtype)
+    none = token_slots < 0
+    assert torch.equal(got[none], y0[none]), "rows without an adapter must stay as they were"
+    if (~none).any():
+        assert not torch.equal(got[~none], y0[~none]), "the adapters must change the output"
+
+
+def test_kernel_reads_strided_rows_and_leaves_other_rows_alone():
+    """x as a column slice of a wider tensor (row stride > K) and y as rows of a bigger buffer."""
+    a, b, sa, sb = _compact_weights(4, 64, (32, 16), 8, torch.bfloat16, seed=5)
+    wide = torch.randn(6, 100).bfloat16()
+    x = wide[:, 10:74]
+    token_slots = torch.tensor([2, 0, -1, 2, 3, 0])
+    y0 = torch.randn(6, 48).bfloat16()
+    want = y0.clone()
+    _reference(want, x.contiguous(), a, b, token_slots, 1.0)
+    got = y0.clone()
+    _kernel_lora_linear(got, x, sa, sb, group_tokens(token_slots, 4), 1.0)
+    _assert_close(got, want, y0, torch.bfloat16)
+    assert torch.equal(got[2], y0[2])
+
+
+def test_compact_views_write_through_without_block_diagonal_zeros():
+    a, b, sa, sb = _compact_weights(3, 16, (8, 4), 2, torch.bfloat16, seed=2)
+    assert [t.shape for t in sa] == [t.shape for t in a]
+    assert [t.shape for t in sb] == [t.shape for t in b]
+    assert sa.cat.dtype == sb.cat.dtype == torch.bfloat16
+    assert sb.cat.shape == (3, 1, 2, 12) and sb.cols.tolist() == [0, 8, 12]
+    assert torch.equal(sb.cat[1, 0, :, :8], b[0][1, 0].T)
+    assert torch.equal(sb.cat[1, 0, :, 8:], b[1][1, 0].T)
+    sb[1][1] = 0  # what vLLM's reset_lora does: slice 1 of slot 1 only
+    assert sb.cat[1, 0, :, 8:].abs().sum() == 0 and sb.cat[1, 0, :, :8].abs().sum() > 0
+
+
+def test_group_tokens_kernel_fields():
+    g = group_tokens(torch.tensor([3, -1, 0, 3, 0, 1]), 4)
+    assert g.rows.tolist() == [2, 4, 5, 0, 3]
+    assert g.slots.tolist() == [0, 1, 3] and g.ends.tolist() == [2, 3, 5] and g.max_slot == 3
+    single = group_tokens(torch.tensor([2, 2, 2]), 4)
+    assert single.rows.tolist() == [0, 1, 2] and single.slots.tolist() == [2]
+    assert single.ends.tolist() == [3]
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_punica_wrapper_with_kernel_matches_vllm_wrapper(prefill):
+    slots, k, outs, rank = 6, 96, (96, 32, 32), 16
+    a, b, sa, sb = _compact_weights(slots, k, outs, rank, torch.bfloat16, seed=3)
+    lora_index_to_id = [11, 12, 13, None, 15, None]
+    ids = [11, 0, 12, 12, 15, 0, 13, 11, 11, 15]
+    x = torch.randn(len(ids), k).bfloat16()
+    y0 = torch.randn(len(ids), sum(outs)).bfloat16()
+    ref, new = PunicaWrapperCPU(64, 8, "cpu"), GroupedPunicaWrapperCPU(64, 8, "cpu")
+    results = []
+    for wrapper, (wa, wb) in ((ref, (a, b)), (new, (sa, sb))):
+        wrapper.update_metadata(_mapping(ids, prefill), lora_index_to_id, slots + 1, 1000)
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, wa, wb, 1.0, outs)
+        results.append(y)
+    _assert_close(results[1], results[0], y0, torch.bfloat16)
+    assert not torch.equal(results[1], y0)

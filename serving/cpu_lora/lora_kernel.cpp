@@ -1,0 +1,222 @@
+// Fused multi-LoRA linear op for the CPU: for every token group (the tokens of one adapter slot),
+// shrink (x @ A) and expand (h @ B) in one pass, reading each present adapter's weights once per
+// call, in the model's dtype (bf16 or float32) with float32 accumulation.
+//
+// Built by serving/cpu_lora/kernel.py with g++ -O3 -march=native -fopenmp and called through
+// ctypes; no torch headers. The OpenMP runtime is the libgomp.so.1 torch has already loaded.
+//
+// Layout (S slots, R = n_slices * r, N = sum of the slices' outputs):
+//   x: rows of K activations (row stride x_stride), y: rows of N outputs (row stride y_stride),
+//   A: (S, K, R) contiguous: slice i's shrink is columns i*r .. (i+1)*r,
+//   B: (S, r, N) contiguous: slice i's expand is columns col[i] .. col[i+1] (compact, no zeros),
+//   rows: the M token rows with an adapter, grouped by slot; group g is rows[start_g, ends[g])
+//   with slot slots[g].
+// Rounding follows vLLM's CPU reference (lora_ops.py): the shrink is summed and scaled in float32,
+// rounded to the model dtype; the expand is summed in float32, rounded, and added to y in float32,
+// then rounded. Only the order of the float32 sums differs.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(T v) { return bf16_to_f32(v); }
+  static inline T store(float v) { return f32_to_bf16(v); }
+  static inline float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+};
+
+struct F32 {
+  using T = float;
+  static inline float load(T v) { return v; }
+  static inline T store(float v) { return v; }
+  static inline float round(float v) { return v; }
+};
+
+constexpr int64_t kRowBlock = 4;   // token rows that share one read of the weights
+constexpr int64_t kColBlock = 512;  // expand output columns per accumulator tile (generic path)
+constexpr int64_t kVec = 16;        // floats per vector (one AVX-512 register, two AVX2 ones)
+
+typedef float f32v __attribute__((vector_size(64)));
+typedef uint32_t u32v __attribute__((vector_size(64)));
+typedef uint16_t u16v __attribute__((vector_size(32)));
+
+inline f32v vload(const float* p) {
+  f32v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32v vload(const uint16_t* p) {  // 16 bf16 -> 16 float
+  u16v h;
+  std::memcpy(&h, p, sizeof h);
+  u32v w = __builtin_convertvector(h, u32v) << 16;
+  f32v v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+// Shrink of one row block, register-blocked: h[i][j0 + 16c + l] for kRowBlock rows (rows past m
+// are zero in xf) and NC vectors of columns, summed over K.
+template <class D, int NC>
+void shrink_tile(const float* xf, const typename D::T* A, int64_t K, int64_t R, int64_t j0,
+                 float* h) {
+  f32v acc[kRowBlock][NC] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    f32v w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = vload(A + k * R + j0 + c * kVec);
+    for (int i = 0; i < kRowBlock; ++i) {
+      const float xv = xf[i * K + k];
+      for (int c = 0; c < NC; ++c) acc[i][c] += xv * w[c];
+    }
+  }
+  for (int i = 0; i < kRowBlock; ++i)
+    for (int c = 0; c < NC; ++c) std::memcpy(h + i * R + j0 + c * kVec, &acc[i][c], sizeof(f32v));
+}
+
+// Expand tile: 2 vectors (32 columns) from n0, kRowBlock rows, summed over the slice's r ranks.
+template <class D>
+void expand_tile(const float* h, int64_t R, int64_t h_off, const typename D::T* B, int64_t N,
+                 int64_t r, int64_t n0, float* out) {
+  f32v acc[kRowBlock][2] = {};
+  for (int64_t j = 0; j < r; ++j) {
+    const f32v w0 = vload(B + j * N + n0), w1 = vload(B + j * N + n0 + kVec);
+    for (int i = 0; i < kRowBlock; ++i) {
+      const float hv = h[i * R + h_off + j];
+      acc[i][0] += hv * w0;
+      acc[i][1] += hv * w1;
+    }
+  }
+  std::memcpy(out, acc, sizeof acc);  // out: kRowBlock x 32
+}
+
+// One block of up to kRowBlock rows of one group.
+template <class D>
+void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
+           const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
+           int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, int64_t m,
+           float scale, float* xf, float* h, float* wrow, float* acc) {
+  const int64_t R = n_slices * r;
+  for (int64_t i = 0; i < kRowBlock; ++i) {
+    float* xi = xf + i * K;
+    if (i >= m) {
+      std::memset(xi, 0, sizeof(float) * K);
+      continue;
+    }
+    const typename D::T* xr = x + rows[i] * x_stride;
+    for (int64_t k = 0; k < K; ++k) xi[k] = D::load(xr[k]);
+  }
+  // Shrink: h = round(scale * x @ A).
+  int64_t j0 = 0;
+  for (; j0 + 4 * kVec <= R; j0 += 4 * kVec) shrink_tile<D, 4>(xf, A, K, R, j0, h);
+  switch ((R - j0) / kVec) {
+    case 3: shrink_tile<D, 3>(xf, A, K, R, j0, h); j0 += 3 * kVec; break;
+    case 2: shrink_tile<D, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec; break;
+    case 1: shrink_tile<D, 1>(xf, A, K, R, j0, h); j0 += kVec; break;
+    default: break;
+  }
+  if (j0 < R) {  // columns past the last full vector
+    for (int64_t i = 0; i < kRowBlock; ++i)
+      for (int64_t j = j0; j < R; ++j) h[i * R + j] = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < kRowBlock; ++i)
+        for (int64_t j = j0; j < R; ++j) h[i * R + j] += xf[i * K + k] * D::load(A[k * R + j]);
+  }
+  for (int64_t j = 0; j < kRowBlock * R; ++j) h[j] = D::round(h[j] * scale);
+
+  // Expand: y[:, col[s]:col[s+1]] += round(h[:, s*r:(s+1)*r] @ B[:, col[s]:col[s+1]]).
+  for (int64_t s = 0; s < n_slices; ++s) {
+    int64_t n0 = col[s];
+    for (; n0 + 2 * kVec <= col[s + 1]; n0 += 2 * kVec) {
+      expand_tile<D>(h, R, s * r, B, N, r, n0, acc);
+      for (int64_t i = 0; i < m; ++i) {
+        typename D::T* yr = y + rows[i] * y_stride + n0;
+        const float* ai = acc + i * 2 * kVec;
+        for (int64_t n = 0; n < 2 * kVec; ++n) yr[n] = D::store(D::load(yr[n]) + D::round(ai[n]));
+      }
+    }
+    for (; n0 < col[s + 1]; ++n0) {  // columns past the last full tile
+      for (int64_t i = 0; i < m; ++i) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < r; ++j) sum += h[i * R + s * r + j] * D::load(B[j * N + n0]);
+        typename D::T* yr = y + rows[i] * y_stride + n0;
+        *yr = D::store(D::load(*yr) + D::round(sum));
+      }
+    }
+  }
+  (void)wrow;
+}
+
+template <class D>
+void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
+                 const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
+                 int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
+                 int64_t n_groups, const int64_t* slots, const int64_t* ends, float scale) {
+  const int64_t R = n_slices * r;
+  // Work items: (group, block of rows). Rows of one item are disjoint from every other's, so
+  // the items can run on any thread in any order.
+  std::vector<int64_t> item_start, item_len, item_slot;
+  int64_t start = 0;
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t b = start; b < ends[g]; b += kRowBlock) {
+      item_start.push_back(b);
+      item_len.push_back(ends[g] - b < kRowBlock ? ends[g] - b : kRowBlock);
+      item_slot.push_back(slots[g]);
+    }
+    start = ends[g];
+  }
+  const int64_t n_items = static_cast<int64_t>(item_start.size());
+  const int64_t wlen = (R > kColBlock ? R : kColBlock);
+#pragma omp parallel if (n_items > 1)
+  {
+    std::vector<float> xf(kRowBlock * K), h(kRowBlock * R), wrow(wlen), acc(kRowBlock * kColBlock);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t s = item_slot[it];
+      block<D>(x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r, n_slices, col, N,
+               rows + item_start[it], item_len[it], scale, xf.data(), h.data(), wrow.data(),
+               acc.data());
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int tl_lora_abi_version() { return 1; }
+
+void tl_lora_linear_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
+                         const uint16_t* A, const uint16_t* B, int64_t K, int64_t r,
+                         int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
+                         int64_t n_groups, const int64_t* slots, const int64_t* ends,
+                         float scale) {
+  lora_linear<BF16>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
+                    ends, scale);
+}
+
+void tl_lora_linear_f32(const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                        const float* A, const float* B, int64_t K, int64_t r, int64_t n_slices,
+                        const int64_t* col, int64_t N, const int64_t* rows, int64_t n_groups,
+                        const int64_t* slots, const int64_t* ends, float scale) {
+  lora_linear<F32>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
+                   ends, scale);
+}
+
+}  // extern "C"
