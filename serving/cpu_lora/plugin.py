@@ -7,8 +7,11 @@ What it changes, on the CPU platform of vLLM 0.32.0 only:
   step (``update_metadata``) and runs each linear LoRA layer as grouped matmuls
   (``serving.cpu_lora.ops.grouped_lora_linear``); everything else stays vLLM's own code;
 - the linear LoRA layers' weight storage: after vLLM creates a layer, its per-slice
-  ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked float32 tensor each, so the
-  projections that share an input (q/k/v, gate/up) run as one shrink and one expand.
+  ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked tensor each, so the
+  projections that share an input (q/k/v, gate/up) run as one shrink and one expand. With the
+  fused C++ kernel (serving/cpu_lora/kernel.py, built with g++ on first use) the storage keeps
+  the model's dtype and a compact expand, and each layer is one kernel call; without a compiler
+  it is float32 for PyTorch's grouped GEMM (``ops.grouped_lora_linear``).
 
 Switch: ``TENANTLORA_CPU_LORA_OPS`` ("1": on; unset or "0": off, so vLLM processes that
 tenantlora did not start stay unchanged). ``tenantlora serve`` sets it from its
