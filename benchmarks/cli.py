@@ -46,6 +46,7 @@ def run_command(args: argparse.Namespace) -> int:
         "name",
         "max_loras",
         "single_requests",
+        "rounds",
         "llama_cpp_python",
         "llamacpp_requests",
         "max_load",
@@ -135,6 +136,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
     parser.add_argument("--single-requests", type=int, help="Requests of the one-alone runs")
+    parser.add_argument(
+        "--rounds", type=int, help="Interleaved repeats of the adapter sweep (medians reported)"
+    )
     parser.add_argument(
         "--llama-cpp-python",
         help="A Python with llama-cpp-python[server] (default: $TENANTLORA_LLAMA_CPP_PYTHON)",

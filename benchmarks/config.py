@@ -36,7 +36,10 @@ class BenchConfig:
     peft_adapters: int = 8
     peft_requests: int = 32
     peft_threads: int = 2
-    single_requests: int = 4  # one request alone: 48-word prompt, max_tokens, greedy
+    # The adapter sweep (ours and `vllm serve` at every N) is repeated this many times,
+    # interleaved; the report's figures and goals are the medians over the rounds.
+    rounds: int = 3
+    single_requests: int = 8  # one request alone: 48-word prompt, max_tokens, greedy
     single_prompt_words: int = 48
     llama_cpp_python: str | None = None  # a Python with llama_cpp[server]; None: look for one
     llamacpp_requests: int = 32
@@ -74,6 +77,7 @@ class BenchConfig:
             peft_adapters=4,
             peft_requests=3,
             single_requests=1,
+            rounds=1,
             quiet_wait_s=0.0,
             hot_swap_trials=1,
             request_timeout=120.0,

@@ -211,7 +211,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"Workload: {cfg['server']} server, base `{Path(cfg['base_model']).name}`, Zipf exponent "
         f"{cfg['zipf']}, prompt length {cfg['prompt_len']} words, {cfg['max_tokens']} output "
         f"tokens (ignore_eos, greedy), closed loop at concurrency {cfg['concurrency']} with "
-        f"{cfg['requests']} requests per run (PEFT peer: {cfg['peft_requests']}, llama.cpp: "
+        f"{cfg['requests']} requests per run, the adapter sweep (ours and the peers at every N) "
+        f"repeated {cfg.get('rounds', 1)} time(s) interleaved, figures and goals from the medians "
+        f"(PEFT peer: {cfg['peft_requests']}, llama.cpp: "
         f"{cfg.get('llamacpp_requests')}); one request alone: {cfg.get('single_prompt_words')}-word "
         f"prompt, {cfg.get('single_requests')} requests; every vLLM engine (ours and `vllm serve`) "
         f"with a KV cache of {cfg.get('kv_cache_gib')} GiB, max_loras "
@@ -382,7 +384,7 @@ def _side_by_side(results: dict[str, Any]) -> list[str]:
     counts = sorted({int(n) for points in by.values() for n in points})
     lines = [
         "",
-        "## Side by side (same client, same run; N=0 is the base model alone)",
+        "## Side by side (same client, same run, median over the rounds; N=0 is the base alone)",
         "",
         "| server | " + " | ".join(f"N={n}" for n in counts) + " |",
         "|---|" + "---|" * len(counts),

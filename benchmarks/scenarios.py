@@ -135,24 +135,28 @@ class SharedBase:
 
     def sweep(self, peers: list[Server]) -> None:
         """Base only, then each adapter count N: our server, then every peer with the same
-        adapters, Zipf draw (seed) and load, one right after the other (side by side)."""
+        adapters, Zipf draw (seed) and load, one right after the other (side by side); the whole
+        sweep ``rounds`` times, so that every figure is a median of runs spread over the run."""
         assert self.server is not None
-        for n in [0, *self.h.cfg.adapter_counts]:
-            for server in [self.server, *peers]:
-                ours = server is self.server
-                if n == 0:
-                    targets = [Target(server.base_model_name, server.base_url, "base")]
-                else:
-                    targets = adapter_targets(server, self.names[:n])
-                self.h.load(
-                    f"{server.name} " + (f"N={n}" if n else "base-only"),
-                    targets,
-                    scenario=("shared" if n else "shared-base-no-adapter") if ours else "peer",
-                    server=server,
-                    adapters=n,
-                    seed=n,
-                    group=f"N={n}",
-                )
+        rounds = self.h.cfg.rounds
+        for r in range(rounds):
+            suffix = f" r{r + 1}" if rounds > 1 else ""
+            for n in [0, *self.h.cfg.adapter_counts]:
+                for server in [self.server, *peers]:
+                    ours = server is self.server
+                    if n == 0:
+                        targets = [Target(server.base_model_name, server.base_url, "base")]
+                    else:
+                        targets = adapter_targets(server, self.names[:n])
+                    self.h.load(
+                        f"{server.name} " + (f"N={n}" if n else "base-only") + suffix,
+                        targets,
+                        scenario=("shared" if n else "shared-base-no-adapter") if ours else "peer",
+                        server=server,
+                        adapters=n,
+                        seed=n,
+                        group=f"N={n}",
+                    )
 
     def single_request(self, servers: list[Server]) -> None:
         """One request alone (concurrency 1, greedy, ignore_eos) on the base model of each server:

@@ -33,11 +33,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(
         self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
     ):
+        groups = self.groups
+        if groups is None and buffer is None and kwargs.get("add_inputs", True) is True:
+            return None  # no token of this step has an adapter: the common base-only step
         a_cat = getattr(lora_a_stacked, "cat", None)  # (S, 1, K, R)
         b_cat = getattr(lora_b_stacked, "cat", None)
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
-        groups = self.groups
         if (
             a_cat is None
             or b_cat is None
@@ -51,8 +53,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,
             )  # fmt: skip
-        if groups is None:  # no token of this step has an adapter
-            return None
         cols = getattr(lora_b_stacked, "cols", None)
         if cols is None:
             grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)

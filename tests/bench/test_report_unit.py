@@ -144,3 +144,30 @@ def test_analysis_goals_and_report_files(tmp_path: Path) -> None:
     # The results file alone re-renders the same report (what `tenantlora bench report` does).
     again = write_report(data, tmp_path / "again")
     assert again["markdown"].read_text() == md
+
+
+def test_goals_are_medians_over_the_sweep_rounds(tmp_path: Path) -> None:
+    """Three interleaved rounds: each server and N gets the median of its runs, so one slow or
+    fast round does not make a goal."""
+    results = _results(tmp_path)
+    results.config.rounds = 3
+    results.loads = [
+        _run("shared-base-no-adapter", "tl", 0, 16, "N=0"),
+        _run("shared-base-no-adapter", "tl", 0, 40, "N=0"),  # one outlier round
+        _run("shared-base-no-adapter", "tl", 0, 16, "N=0"),
+        _run("shared", "tl", 32, 12, "N=32"),
+        _run("shared", "tl", 32, 14, "N=32"),
+        _run("shared", "tl", 32, 2, "N=32"),  # one slow round
+        _run("peer", "vllm-serve", 32, 4, "N=32"),
+        _run("peer", "vllm-serve", 32, 4, "N=32"),
+        _run("peer", "vllm-serve", 32, 12, "N=32"),
+    ]
+    results.analysis = analyse(results)
+    goals = results.analysis.goals
+    assert goals["throughput_32_adapters_vs_base"].value == 0.75  # median 12 / median 16
+    assert goals["throughput_vs_vllm_serve_32_adapters"].value == 3.0  # 12 / median 4
+    runs = results.analysis.base_output_throughput_runs  # every round is kept in the results
+    assert len(runs) == 3 and runs[1] > runs[0] == runs[2]
+    assert results.analysis.base_output_throughput == runs[0]
+    md = write_report(results, tmp_path / "rounds")["markdown"].read_text()
+    assert "repeated 3 time(s) interleaved" in md
