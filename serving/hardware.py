@@ -17,14 +17,15 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_capabilities() -> dict[str, bool]:
+def cpu_capabilities() -> dict[str, bool]:
+    """torch's view of the CPU's vector ISA (avx2, avx512_f, avx512_bf16, ...)."""
     import torch
 
     return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 
 
 def cpu_has_native_bf16() -> bool:
-    caps = _cpu_capabilities()
+    caps = cpu_capabilities()
     return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
@@ -33,7 +34,7 @@ def cpu_description() -> str:
     figure needs to say about the CPU it came from."""
     import os
 
-    caps = _cpu_capabilities()
+    caps = cpu_capabilities()
     isa = "AVX-512" if caps.get("avx512_f") else ("AVX2" if caps.get("avx2") else "no AVX2")
     bf16 = " BF16" if cpu_has_native_bf16() else ""
     return f"{cpu_model_name()}, {os.cpu_count()} cores, {isa}{bf16}"

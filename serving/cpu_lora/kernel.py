@@ -26,22 +26,15 @@ from pathlib import Path
 
 import torch
 
+from serving.hardware import cpu_capabilities, cpu_model_name
+
 logger = logging.getLogger("vllm.tenantlora.cpu_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI_VERSION = 1
 CACHE_ENV = "TENANTLORA_KERNEL_CACHE"
 DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 def cache_dir() -> Path:
@@ -52,12 +45,11 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    """Where the built library for this source, compiler flags and CPU lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + b" ".join(_FLAGS))
+    """Where the built library for this source, compiler flags and CPU (-march=native) lives."""
+    isa = sorted(k for k, on in cpu_capabilities().items() if on)
+    cpu = " ".join([cpu_model_name(), *isa, *FLAGS])
+    key = hashlib.sha256(SOURCE.read_bytes() + cpu.encode())
     return cache_dir() / f"lora_kernel-{key.hexdigest()[:16]}.so"
-
-
-_FLAGS = [b"-O3", b"-march=native", b"-fopenmp", b"-shared", b"-fPIC", b"-std=c++17"]
 
 
 def build(dest: Path) -> None:
@@ -69,7 +61,7 @@ def build(dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *(f.decode() for f in _FLAGS), str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"compile failed: {done.stderr.strip()[-500:]}")

@@ -51,7 +51,6 @@ struct F32 {
 };
 
 constexpr int64_t kRowBlock = 4;   // token rows that share one read of the weights
-constexpr int64_t kColBlock = 512;  // expand output columns per accumulator tile (generic path)
 constexpr int64_t kVec = 16;        // floats per vector (one AVX-512 register, two AVX2 ones)
 
 typedef float f32v __attribute__((vector_size(64)));
@@ -111,7 +110,7 @@ template <class D>
 void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
            const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
            int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, int64_t m,
-           float scale, float* xf, float* h, float* wrow, float* acc) {
+           float scale, float* xf, float* h, float* acc) {
   const int64_t R = n_slices * r;
   for (int64_t i = 0; i < kRowBlock; ++i) {
     float* xi = xf + i * K;
@@ -160,7 +159,6 @@ void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y
       }
     }
   }
-  (void)wrow;
 }
 
 template <class D>
@@ -182,15 +180,14 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
     start = ends[g];
   }
   const int64_t n_items = static_cast<int64_t>(item_start.size());
-  const int64_t wlen = (R > kColBlock ? R : kColBlock);
 #pragma omp parallel if (n_items > 1)
   {
-    std::vector<float> xf(kRowBlock * K), h(kRowBlock * R), wrow(wlen), acc(kRowBlock * kColBlock);
+    std::vector<float> xf(kRowBlock * K), h(kRowBlock * R), acc(kRowBlock * 2 * kVec);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t s = item_slot[it];
       block<D>(x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r, n_slices, col, N,
-               rows + item_start[it], item_len[it], scale, xf.data(), h.data(), wrow.data(),
+               rows + item_start[it], item_len[it], scale, xf.data(), h.data(),
                acc.data());
     }
   }

@@ -67,6 +67,22 @@ class StackedLoRA(tuple):
         return obj
 
 
+def _slice_shapes(
+    lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+) -> tuple[int, int, int, list[int]] | None:
+    """(S, r, K, [N_i]) of vLLM's per-slice weights, lora_a[i]: (S, 1, r, K) and lora_b[i]:
+    (S, 1, N_i, r); None when the slices disagree."""
+    n = len(lora_a)
+    if n == 0 or n != len(lora_b):
+        return None
+    slots, _, r, k = lora_a[0].shape
+    if any(a.shape != (slots, 1, r, k) for a in lora_a):
+        return None
+    if any(b.ndim != 4 or b.shape[:2] != (slots, 1) or b.shape[3] != r for b in lora_b):
+        return None
+    return slots, r, k, [b.shape[2] for b in lora_b]
+
+
 def stack_lora_weights(
     lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
 ) -> tuple[StackedLoRA, StackedLoRA] | None:
@@ -77,16 +93,11 @@ def stack_lora_weights(
     storage holds the bf16/fp16 adapter values exactly and spares the op a per-step conversion.
     None when the shapes do not fit this layout (the caller then keeps vLLM's own tensors).
     """
-    n = len(lora_a)
-    if n == 0 or n != len(lora_b):
+    shapes = _slice_shapes(lora_a, lora_b)
+    if shapes is None:
         return None
-    slots, _, r, k = lora_a[0].shape
-    if any(a.shape != (slots, 1, r, k) for a in lora_a):
-        return None
-    if any(b.ndim != 4 or b.shape[:2] != (slots, 1) or b.shape[3] != r for b in lora_b):
-        return None
-    outs = [b.shape[2] for b in lora_b]
-    device = lora_a[0].device
+    slots, r, k, outs = shapes
+    n, device = len(outs), lora_a[0].device
     a_cat = torch.zeros(slots, 1, k, n * r, dtype=torch.float32, device=device)
     b_cat = torch.zeros(slots, 1, n * r, sum(outs), dtype=torch.float32, device=device)
     a_views, b_views, col = [], [], 0
@@ -106,16 +117,11 @@ def stack_lora_weights_compact(
     (a third of the bytes for q/k/v). B's tuple also carries ``.cols``: the (n+1,) int64 column
     bounds of the slices. None when the shapes do not fit.
     """
-    n = len(lora_a)
-    if n == 0 or n != len(lora_b):
+    shapes = _slice_shapes(lora_a, lora_b)
+    if shapes is None or any(a.dtype != lora_a[0].dtype for a in lora_a):
         return None
-    slots, _, r, k = lora_a[0].shape
-    dtype, device = lora_a[0].dtype, lora_a[0].device
-    if any(a.shape != (slots, 1, r, k) or a.dtype != dtype for a in lora_a):
-        return None
-    if any(b.ndim != 4 or b.shape[:2] != (slots, 1) or b.shape[3] != r for b in lora_b):
-        return None
-    outs = [b.shape[2] for b in lora_b]
+    slots, r, k, outs = shapes
+    n, dtype, device = len(outs), lora_a[0].dtype, lora_a[0].device
     a_cat = torch.zeros(slots, 1, k, n * r, dtype=dtype, device=device)
     b_cat = torch.zeros(slots, 1, r, sum(outs), dtype=dtype, device=device)
     bounds = [0, *itertools.accumulate(outs)]
