@@ -81,6 +81,14 @@ def run_command(args: argparse.Namespace) -> int:
     return 1 if results.errors else 0
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CI smoke size (a few minutes)")
     parser.add_argument(
@@ -137,7 +145,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
     parser.add_argument("--single-requests", type=int, help="Requests of the one-alone runs")
     parser.add_argument(
-        "--rounds", type=int, help="Interleaved repeats of the adapter sweep (medians reported)"
+        "--rounds",
+        type=positive_int,
+        help="Interleaved repeats of the adapter sweep (medians reported)",
     )
     parser.add_argument(
         "--llama-cpp-python",

@@ -3,10 +3,14 @@ under `analysis.goals`, JSON that round-trips, Markdown and four PNG plots."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.analysis import analyse
+from benchmarks.cli import add_run_arguments
 from benchmarks.config import BenchConfig
 from benchmarks.load import RequestRecord, summarize
 from benchmarks.records import (
@@ -171,3 +175,12 @@ def test_goals_are_medians_over_the_sweep_rounds(tmp_path: Path) -> None:
     assert results.analysis.base_output_throughput == runs[0]
     md = write_report(results, tmp_path / "rounds")["markdown"].read_text()
     assert "repeated 3 time(s) interleaved" in md
+
+
+def test_rounds_flag_takes_positive_integers_only() -> None:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    assert parser.parse_args(["--rounds", "3"]).rounds == 3
+    for bad in ("0", "-2", "two", "1.5", "9" * 400 + "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--rounds", bad])
