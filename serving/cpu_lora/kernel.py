@@ -93,6 +93,63 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+class LayerCall:
+    """One LoRA layer's kernel call with its constant arguments bound once: the weight storage is
+    allocated once when the plugin stacks the layer and never moves (vLLM writes adapters into
+    it), so its pointers and shapes are fixed. Per call only x, y and the step's grouping change;
+    binding the rest takes about 10 us of Python off each of the ~120 layer calls of a step.
+
+    a: (S, K, R) and b: (S, r, N), contiguous, same dtype (bf16 or float32); cols: (n_slices + 1,)
+    int64 column bounds of the slices in b.
+    """
+
+    __slots__ = ("a", "b", "cols", "dtype", "slots", "k", "n", "_fn", "_const")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor):
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the CPU LoRA kernel is not available")
+        self.a, self.b, self.cols = a, b, cols  # keep the storage alive
+        self.dtype = a.dtype
+        self.slots, self.k, self.n = a.shape[0], a.shape[1], b.shape[2]
+        self._fn = lib.tl_lora_linear_bf16 if a.dtype == torch.bfloat16 else lib.tl_lora_linear_f32
+        self._const = (a.data_ptr(), b.data_ptr(), self.k, b.shape[1], cols.numel() - 1,
+                       cols.data_ptr(), self.n)  # fmt: skip
+
+    def fits(self, y: torch.Tensor, x: torch.Tensor, num_tokens: int, max_slot: int) -> bool:
+        """Whether (T, N) y and (T, K) x are what this layer's kernel call reads (the kernel
+        trusts its arguments, so every call is checked here first)."""
+        return (
+            x.dtype is self.dtype
+            and y.dtype is self.dtype
+            and x.dim() == 2
+            and y.dim() == 2
+            and x.stride(1) == 1
+            and y.stride(1) == 1
+            and x.shape[1] == self.k
+            and y.shape[1] == self.n
+            and x.shape[0] == y.shape[0] == num_tokens
+            and max_slot < self.slots
+        )
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, groups: tuple, scale: float) -> None:
+        """y[t] += LoRA delta of every grouped row t, in place; ``groups`` is
+        ``group_args(rows, slots, ends)`` of the step. Call ``fits`` first."""
+        self._fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *self._const, *groups, scale)
+
+
+def bind(a_stacked, b_stacked) -> None:
+    """Attach to a layer's compact B storage (ops.stack_lora_weights_compact) its ``LayerCall``
+    as ``kernel_call``, which the punica wrapper uses when present."""
+    b_stacked.kernel_call = LayerCall(a_stacked.cat[:, 0], b_stacked.cat[:, 0], b_stacked.cols)
+
+
+def group_args(rows: torch.Tensor, slots: torch.Tensor, ends: torch.Tensor) -> tuple:
+    """The kernel's grouping arguments for one step (int64, contiguous tensors the caller keeps
+    alive for the step): rows, number of groups, slots, ends."""
+    return (rows.data_ptr(), slots.numel(), slots.data_ptr(), ends.data_ptr())
+
+
 def lora_linear(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -104,17 +161,6 @@ def lora_linear(
     ends: torch.Tensor,
     scale: float,
 ) -> None:
-    """y[t, :] += LoRA delta of every row t in ``rows``, in place (see lora_kernel.cpp).
-
-    y: (T, N), x: (T, K), both with unit column stride, same dtype as a (S, K, R) and b (S, r, N),
-    contiguous; cols: (n_slices + 1,) int64 column bounds; rows, slots, ends: int64, contiguous.
-    The caller checks shapes and dtypes (the kernel trusts them).
-    """
-    lib = load()
-    fn = lib.tl_lora_linear_bf16 if y.dtype == torch.bfloat16 else lib.tl_lora_linear_f32
-    n_slices = cols.numel() - 1
-    fn(
-        x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), b.data_ptr(),
-        a.shape[1], b.shape[1], n_slices, cols.data_ptr(), b.shape[2], rows.data_ptr(),
-        slots.numel(), slots.data_ptr(), ends.data_ptr(), scale,
-    )  # fmt: skip
+    """y[t, :] += LoRA delta of every row t in ``rows``, in place (see lora_kernel.cpp); one-off
+    form of ``LayerCall`` (shapes as there; the caller checks them)."""
+    LayerCall(a, b, cols)(y, x, group_args(rows, slots, ends), scale)

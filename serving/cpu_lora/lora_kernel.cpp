@@ -51,6 +51,8 @@ struct F32 {
 };
 
 constexpr int64_t kRowBlock = 4;   // token rows that share one read of the weights
+constexpr int64_t kPrefetchRows = 24;  // shrink: rows of A ahead (software prefetch)
+constexpr int64_t kPrefetchAhead = 512;  // expand: values of B ahead
 constexpr int64_t kVec = 16;        // floats per vector (one AVX-512 register, two AVX2 ones)
 
 typedef float f32v __attribute__((vector_size(64)));
@@ -71,93 +73,134 @@ inline f32v vload(const uint16_t* p) {  // 16 bf16 -> 16 float
   return v;
 }
 
-// Shrink of one row block, register-blocked: h[i][j0 + 16c + l] for kRowBlock rows (rows past m
-// are zero in xf) and NC vectors of columns, summed over K.
-template <class D, int NC>
+// Shrink of M rows (1..kRowBlock), register-blocked: h[i][j0 + 16c + l] for NC vectors of
+// columns, summed over K. A is read once, row after row (one sequential stream per tile).
+template <class D, int M, int NC>
 void shrink_tile(const float* xf, const typename D::T* A, int64_t K, int64_t R, int64_t j0,
                  float* h) {
-  f32v acc[kRowBlock][NC] = {};
+  f32v acc[M][NC] = {};
   for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(A + (k + kPrefetchRows) * R + j0);
+    if (NC > 2) __builtin_prefetch(A + (k + kPrefetchRows) * R + j0 + 2 * kVec);
     f32v w[NC];
     for (int c = 0; c < NC; ++c) w[c] = vload(A + k * R + j0 + c * kVec);
-    for (int i = 0; i < kRowBlock; ++i) {
+    for (int i = 0; i < M; ++i) {
       const float xv = xf[i * K + k];
       for (int c = 0; c < NC; ++c) acc[i][c] += xv * w[c];
     }
   }
-  for (int i = 0; i < kRowBlock; ++i)
+  for (int i = 0; i < M; ++i)
     for (int c = 0; c < NC; ++c) std::memcpy(h + i * R + j0 + c * kVec, &acc[i][c], sizeof(f32v));
 }
 
-// Expand tile: 2 vectors (32 columns) from n0, kRowBlock rows, summed over the slice's r ranks.
-template <class D>
-void expand_tile(const float* h, int64_t R, int64_t h_off, const typename D::T* B, int64_t N,
-                 int64_t r, int64_t n0, float* out) {
-  f32v acc[kRowBlock][2] = {};
-  for (int64_t j = 0; j < r; ++j) {
-    const f32v w0 = vload(B + j * N + n0), w1 = vload(B + j * N + n0 + kVec);
-    for (int i = 0; i < kRowBlock; ++i) {
-      const float hv = h[i * R + h_off + j];
-      acc[i][0] += hv * w0;
-      acc[i][1] += hv * w1;
-    }
-  }
-  std::memcpy(out, acc, sizeof acc);  // out: kRowBlock x 32
-}
-
-// One block of up to kRowBlock rows of one group.
-template <class D>
-void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
-           const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
-           int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, int64_t m,
-           float scale, float* xf, float* h, float* acc) {
-  const int64_t R = n_slices * r;
-  for (int64_t i = 0; i < kRowBlock; ++i) {
-    float* xi = xf + i * K;
-    if (i >= m) {
-      std::memset(xi, 0, sizeof(float) * K);
-      continue;
-    }
-    const typename D::T* xr = x + rows[i] * x_stride;
-    for (int64_t k = 0; k < K; ++k) xi[k] = D::load(xr[k]);
-  }
-  // Shrink: h = round(scale * x @ A).
+template <class D, int M>
+void shrink(const float* xf, const typename D::T* A, int64_t K, int64_t R, float* h) {
   int64_t j0 = 0;
-  for (; j0 + 4 * kVec <= R; j0 += 4 * kVec) shrink_tile<D, 4>(xf, A, K, R, j0, h);
+  for (; j0 + 4 * kVec <= R; j0 += 4 * kVec) shrink_tile<D, M, 4>(xf, A, K, R, j0, h);
   switch ((R - j0) / kVec) {
-    case 3: shrink_tile<D, 3>(xf, A, K, R, j0, h); j0 += 3 * kVec; break;
-    case 2: shrink_tile<D, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec; break;
-    case 1: shrink_tile<D, 1>(xf, A, K, R, j0, h); j0 += kVec; break;
+    case 3: shrink_tile<D, M, 3>(xf, A, K, R, j0, h); j0 += 3 * kVec; break;
+    case 2: shrink_tile<D, M, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec; break;
+    case 1: shrink_tile<D, M, 1>(xf, A, K, R, j0, h); j0 += kVec; break;
     default: break;
   }
   if (j0 < R) {  // columns past the last full vector
-    for (int64_t i = 0; i < kRowBlock; ++i)
+    for (int i = 0; i < M; ++i)
       for (int64_t j = j0; j < R; ++j) h[i * R + j] = 0.f;
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t i = 0; i < kRowBlock; ++i)
+      for (int i = 0; i < M; ++i)
         for (int64_t j = j0; j < R; ++j) h[i * R + j] += xf[i * K + k] * D::load(A[k * R + j]);
   }
-  for (int64_t j = 0; j < kRowBlock * R; ++j) h[j] = D::round(h[j] * scale);
+}
 
+// Expand of M rows into out[i][col[0] .. col[n_slices]) (float32).
+// Few rows (decode: one or two tokens of an adapter): B is read once, rank after rank (rank j of
+// every slice is one contiguous run of N values), so the reads stream from memory; the float32
+// sums stay in cache. A full block (prefill): 32-column tiles summed in registers over the ranks,
+// since B is in cache after the group's first block.
+template <class D, int M>
+void expand(const float* h, int64_t R, const typename D::T* B, int64_t N, int64_t r,
+            int64_t n_slices, const int64_t* col, float* out) {
+  if (M == kRowBlock) {
+    for (int64_t s = 0; s < n_slices; ++s) {
+      int64_t n0 = col[s];
+      for (; n0 + 2 * kVec <= col[s + 1]; n0 += 2 * kVec) {
+        f32v acc[M][2] = {};
+        for (int64_t j = 0; j < r; ++j) {
+          const f32v w0 = vload(B + j * N + n0), w1 = vload(B + j * N + n0 + kVec);
+          for (int i = 0; i < M; ++i) {
+            const float hv = h[i * R + s * r + j];
+            acc[i][0] += hv * w0;
+            acc[i][1] += hv * w1;
+          }
+        }
+        for (int i = 0; i < M; ++i) std::memcpy(out + i * N + n0, acc[i], sizeof acc[i]);
+      }
+      for (; n0 < col[s + 1]; ++n0)  // columns past the last full tile
+        for (int i = 0; i < M; ++i) {
+          float sum = 0.f;
+          for (int64_t j = 0; j < r; ++j) sum += h[i * R + s * r + j] * D::load(B[j * N + n0]);
+          out[i * N + n0] = sum;
+        }
+    }
+    return;
+  }
+  std::memset(out, 0, sizeof(float) * M * N);
+  for (int64_t j = 0; j < r; ++j) {
+    const typename D::T* bj = B + j * N;
+    for (int64_t s = 0; s < n_slices; ++s) {
+      float hv[M];
+      for (int i = 0; i < M; ++i) hv[i] = h[i * R + s * r + j];
+      int64_t n = col[s];
+      for (; n + kVec <= col[s + 1]; n += kVec) {
+        __builtin_prefetch(bj + n + kPrefetchAhead);
+        const f32v w = vload(bj + n);
+        for (int i = 0; i < M; ++i) {
+          f32v o = vload(out + i * N + n);
+          o += hv[i] * w;
+          std::memcpy(out + i * N + n, &o, sizeof o);
+        }
+      }
+      for (; n < col[s + 1]; ++n)
+        for (int i = 0; i < M; ++i) out[i * N + n] += hv[i] * D::load(bj[n]);
+    }
+  }
+}
+
+// One block of M rows of one group.
+template <class D, int M>
+void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
+           const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
+           int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, float scale,
+           float* xf, float* h, float* out) {
+  const int64_t R = n_slices * r;
+  for (int i = 0; i < M; ++i) {
+    const typename D::T* xr = x + rows[i] * x_stride;
+    for (int64_t k = 0; k < K; ++k) xf[i * K + k] = D::load(xr[k]);
+  }
+  // Shrink: h = round(scale * x @ A).
+  shrink<D, M>(xf, A, K, R, h);
+  for (int64_t j = 0; j < M * R; ++j) h[j] = D::round(h[j] * scale);
   // Expand: y[:, col[s]:col[s+1]] += round(h[:, s*r:(s+1)*r] @ B[:, col[s]:col[s+1]]).
-  for (int64_t s = 0; s < n_slices; ++s) {
-    int64_t n0 = col[s];
-    for (; n0 + 2 * kVec <= col[s + 1]; n0 += 2 * kVec) {
-      expand_tile<D>(h, R, s * r, B, N, r, n0, acc);
-      for (int64_t i = 0; i < m; ++i) {
-        typename D::T* yr = y + rows[i] * y_stride + n0;
-        const float* ai = acc + i * 2 * kVec;
-        for (int64_t n = 0; n < 2 * kVec; ++n) yr[n] = D::store(D::load(yr[n]) + D::round(ai[n]));
-      }
-    }
-    for (; n0 < col[s + 1]; ++n0) {  // columns past the last full tile
-      for (int64_t i = 0; i < m; ++i) {
-        float sum = 0.f;
-        for (int64_t j = 0; j < r; ++j) sum += h[i * R + s * r + j] * D::load(B[j * N + n0]);
-        typename D::T* yr = y + rows[i] * y_stride + n0;
-        *yr = D::store(D::load(*yr) + D::round(sum));
-      }
-    }
+  expand<D, M>(h, R, B, N, r, n_slices, col, out);
+  for (int i = 0; i < M; ++i) {
+    typename D::T* yr = y + rows[i] * y_stride;
+    const float* oi = out + i * N;
+    for (int64_t n = col[0]; n < col[n_slices]; ++n)
+      yr[n] = D::store(D::load(yr[n]) + D::round(oi[n]));
+  }
+}
+
+template <class D>
+void block_m(int64_t m, const typename D::T* x, int64_t x_stride, typename D::T* y,
+             int64_t y_stride, const typename D::T* A, const typename D::T* B, int64_t K,
+             int64_t r, int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
+             float scale, float* xf, float* h, float* out) {
+  switch (m) {
+#define TL_BLOCK(M) \
+  case M: block<D, M>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, scale, xf, h, out); break;
+    TL_BLOCK(1) TL_BLOCK(2) TL_BLOCK(3) TL_BLOCK(4)
+#undef TL_BLOCK
+    default: break;
   }
 }
 
@@ -182,13 +225,13 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
   const int64_t n_items = static_cast<int64_t>(item_start.size());
 #pragma omp parallel if (n_items > 1)
   {
-    std::vector<float> xf(kRowBlock * K), h(kRowBlock * R), acc(kRowBlock * 2 * kVec);
+    std::vector<float> xf(kRowBlock * K), h(kRowBlock * R), out(kRowBlock * N);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t s = item_slot[it];
-      block<D>(x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r, n_slices, col, N,
-               rows + item_start[it], item_len[it], scale, xf.data(), h.data(),
-               acc.data());
+      block_m<D>(item_len[it], x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r,
+                 n_slices, col, N, rows + item_start[it], scale, xf.data(), h.data(),
+                 out.data());
     }
   }
 }

@@ -124,4 +124,6 @@ def _stack_layer_weights(layer: Any) -> None:
     else:
         stacked = stack_lora_weights(layer.lora_a_stacked, layer.lora_b_stacked)
     if stacked is not None and sum(layer.output_slices) == stacked[1].cat.shape[3]:
+        if hasattr(stacked[1], "cols"):
+            kernel.bind(*stacked)
         layer.lora_a_stacked, layer.lora_b_stacked = stacked

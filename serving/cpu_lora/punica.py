@@ -18,6 +18,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     were stacked by the plugin, and falls back to vLLM's own op in every other case."""
 
     groups: TokenGroups | None = None
+    group_args: tuple | None = None  # the step's grouping as the kernel's arguments
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -28,14 +29,22 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self.groups = group_tokens(self.token_lora_indices, len(lora_index_to_id))
+        groups = self.groups = group_tokens(self.token_lora_indices, len(lora_index_to_id))
+        self.group_args = (
+            None if groups is None else kernel.group_args(groups.rows, groups.slots, groups.ends)
+        )
 
     def add_lora_linear(
         self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
     ):
         groups = self.groups
-        if groups is None and buffer is None and kwargs.get("add_inputs", True) is True:
+        plain = buffer is None and kwargs.get("add_inputs", True) is True
+        if groups is None and plain:
             return None  # no token of this step has an adapter: the common base-only step
+        call = getattr(lora_b_stacked, "kernel_call", None)
+        if call is not None and plain and call.fits(y, x, groups.num_tokens, groups.max_slot):
+            call(y, x, self.group_args, scale)  # the fused kernel, arguments bound per layer
+            return None
         a_cat = getattr(lora_a_stacked, "cat", None)  # (S, 1, K, R)
         b_cat = getattr(lora_b_stacked, "cat", None)
         y2 = y.view(-1, y.shape[-1])
@@ -47,27 +56,15 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             or kwargs.get("add_inputs", True) is not True
             or y2.shape[1] != b_cat.shape[3]
             or x2.shape[0] != y2.shape[0]
-            or x2.shape[0] != len(self.token_lora_indices)
+            or x2.shape[0] != groups.num_tokens
         ):
             return super().add_lora_linear(
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,
             )  # fmt: skip
-        cols = getattr(lora_b_stacked, "cols", None)
-        if cols is None:
+        if getattr(lora_b_stacked, "cols", None) is None:
             grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)
-        elif (
-            x2.dtype == y2.dtype == a_cat.dtype
-            and x2.stride(1) == 1
-            and y2.stride(1) == 1
-            and x2.shape[1] == a_cat.shape[2]
-            and groups.max_slot < a_cat.shape[0]
-        ):
-            kernel.lora_linear(
-                y2, x2, a_cat[:, 0], b_cat[:, 0], cols, groups.rows, groups.slots, groups.ends,
-                scale,
-            )  # fmt: skip
-        else:
+        else:  # kernel storage, but this call does not fit it (dtype, strides, shapes)
             return super().add_lora_linear(
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs
             )

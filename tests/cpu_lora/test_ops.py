@@ -225,6 +225,7 @@ def _compact_weights(slots, k, outs, r, dtype, seed):
     for i in range(len(outs)):
         sa[i].copy_(a[i])
         sb[i].copy_(b[i])
+    kernel.bind(sa, sb)  # as the plugin does
     return a, b, sa, sb
 
 
@@ -298,3 +299,80 @@ def test_group_tokens_kernel_fields():
     single = group_tokens(torch.tensor([2, 2, 2]), 4)
     assert single.rows.tolist() == [0, 1, 2] and single.slots.tolist() == [2]
     assert single.ends.tolist() == [3]
+
+
+@pytest.mark.parametrize("dtype", kernel.DTYPES, ids=str)
+@pytest.mark.parametrize("layer", [(96, (96, 32, 32)), (1536, (576,)), (40, (50, 7))], ids=str)
+def test_kernel_every_group_size(dtype, layer):
+    """Groups of 1 to 9 rows: the kernel's one- to three-row blocks (decode: the weights are read
+    as one stream) and full four-row blocks (prefill: tiles summed in registers), with tails."""
+    k, outs = layer
+    sizes = list(range(1, 10))
+    a, b, sa, sb = _compact_weights(len(sizes) + 1, k, outs, 16, dtype, seed=len(outs))
+    token_slots = torch.tensor([s for s, n in enumerate(sizes) for _ in range(n)] + [-1, -1])
+    token_slots = token_slots[
+        torch.randperm(token_slots.numel(), generator=torch.Generator().manual_seed(0))
+    ]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(token_slots.numel(), k, generator=gen).to(dtype)
+    y0 = torch.randn(token_slots.numel(), sum(outs), generator=gen).to(dtype)
+    want = y0.clone()
+    _reference(want, x, a, b, token_slots, 0.5)
+    got = y0.clone()
+    _kernel_lora_linear(got, x, sa, sb, group_tokens(token_slots, len(sizes) + 1), 0.5)
+    _assert_close(got, want, y0, dtype)
+    none = token_slots < 0
+    assert torch.equal(got[none], y0[none])
+    assert not torch.equal(got[~none], y0[~none])
+
+
+def test_layer_call_refuses_what_it_was_not_bound_for():
+    """The kernel trusts its arguments, so the bound call checks every one it takes from the
+    caller; the wrapper then falls back to vLLM's op, with the same result."""
+    slots, k, outs = 4, 64, (32, 16)
+    a, b, sa, sb = _compact_weights(slots, k, outs, 8, torch.bfloat16, seed=7)
+    call = sb.kernel_call
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5, k, generator=gen).bfloat16(), torch.randn(5, 48, generator=gen).bfloat16()
+    assert call.fits(y, x, 5, slots - 1)
+    refused = {
+        "x dtype": (y, x.float(), 5, 0),
+        "y dtype": (y.half(), x, 5, 0),
+        "x column stride": (y, torch.randn(k, 5).bfloat16().T, 5, 0),
+        "y column stride": (torch.randn(48, 5).bfloat16().T, x, 5, 0),
+        "K": (y, torch.randn(5, k + 1).bfloat16(), 5, 0),
+        "N": (torch.randn(5, 47).bfloat16(), x, 5, 0),
+        "token count": (y, x, 4, 0),
+        "rows of x and y": (y[:4], x, 5, 0),
+        "slot past the storage": (y, x, 5, slots),
+        "3-d x": (y, x.unsqueeze(0), 5, 0),
+    }
+    for what, args in refused.items():
+        assert not call.fits(*args), what
+    ids = [1, 2, 0, 1, 2]
+    x32 = x.float()  # a dtype the bound call refuses: the wrapper must still be right
+    ys = []
+    for wrapper, (wa, wb) in ((PunicaWrapperCPU(64, 8, "cpu"), (a, b)),
+                              (GroupedPunicaWrapperCPU(64, 8, "cpu"), (sa, sb))):  # fmt: skip
+        wrapper.update_metadata(_mapping(ids, False), [1, 2, None, None], slots + 1, 1000)
+        out = y.clone()
+        wrapper.add_lora_linear(out, x32, wa, wb, 1.0, outs)
+        ys.append(out)
+    _assert_close(ys[1], ys[0], y, torch.bfloat16)  # vLLM's op on two layouts of the weights
+    assert not torch.equal(ys[1], y)
+
+
+def test_punica_wrapper_uses_the_bound_kernel_call(monkeypatch):
+    """With the plugin's storage the wrapper's fast path is the bound kernel call (not a
+    fallback that would also give the right numbers)."""
+    a, b, sa, sb = _compact_weights(4, 64, (32, 16), 8, torch.bfloat16, seed=8)
+    calls = []
+    real = kernel.LayerCall.__call__
+    monkeypatch.setattr(
+        kernel.LayerCall, "__call__", lambda self, *args: calls.append(1) or real(self, *args)
+    )
+    wrapper = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    wrapper.update_metadata(_mapping([1, 2, 0, 1], False), [1, 2, None, None], 5, 1000)
+    y = torch.randn(4, 48).bfloat16()
+    wrapper.add_lora_linear(y, torch.randn(4, 64).bfloat16(), sa, sb, 1.0, (32, 16))
+    assert calls == [1]
