@@ -402,7 +402,13 @@ def _side_by_side(results: dict[str, Any]) -> list[str]:
     if base and ratios:
         lines += [
             "",
-            "Ours with N adapters over our base alone: "
+            "Ours with N adapters over our base alone"
+            + (
+                " (each N-adapter run over a base-only run made right before it, median over "
+                "the rounds): "
+                if any(x.get("scenario") == "shared-base-paired" for x in results["loads"])
+                else ": "
+            )
             + ", ".join(f"N={n}: {float(r):.2f}" for n, r in ratios.items())
             + ".",
         ]

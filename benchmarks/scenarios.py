@@ -144,10 +144,21 @@ class SharedBase:
             for n in [0, *self.h.cfg.adapter_counts]:
                 for server in [self.server, *peers]:
                     ours = server is self.server
-                    if n == 0:
-                        targets = [Target(server.base_model_name, server.base_url, "base")]
-                    else:
-                        targets = adapter_targets(server, self.names[:n])
+                    base = [Target(server.base_model_name, server.base_url, "base")]
+                    targets = adapter_targets(server, self.names[:n]) if n else base
+                    if ours and n:
+                        # Our base alone again right before our N-adapter run: the ratio's two
+                        # figures a minute apart (this VM's speed drifts by up to a third
+                        # over one benchmark run; see analysis.paired_adapter_runs).
+                        self.h.load(
+                            f"{server.name} base-only before N={n}{suffix}",
+                            base,
+                            scenario="shared-base-paired",
+                            server=server,
+                            adapters=0,
+                            seed=0,
+                            group=f"N={n}",
+                        )
                     self.h.load(
                         f"{server.name} " + (f"N={n}" if n else "base-only") + suffix,
                         targets,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.analysis import analyse
+from benchmarks.analysis import analyse, paired_adapter_runs
 from benchmarks.cli import add_run_arguments
 from benchmarks.config import BenchConfig
 from benchmarks.load import RequestRecord, summarize
@@ -175,6 +175,49 @@ def test_goals_are_medians_over_the_sweep_rounds(tmp_path: Path) -> None:
     assert results.analysis.base_output_throughput == runs[0]
     md = write_report(results, tmp_path / "rounds")["markdown"].read_text()
     assert "repeated 3 time(s) interleaved" in md
+
+
+def test_adapter_goals_pair_each_run_with_the_base_run_before_it(tmp_path: Path) -> None:
+    """The machine's speed drifts over a run: each of our N-adapter runs is divided by the base
+    run made right before it (same server), and the goal is the median of those ratios; the
+    ratio of the sweep's medians stays in the figures. Other servers' runs in between and an
+    N-adapter run whose paired base belongs to another N do not pair."""
+    results = _results(tmp_path)
+    results.config.rounds = 3
+    results.loads, expected = [], []
+    for base, paired, n32 in ((16, 10, 9), (16, 20, 18), (40, 40, 30)):
+        run = [
+            _run("shared-base-no-adapter", "tl", 0, base, "N=0"),
+            _run("shared-base-paired", "tl", 0, paired, "N=32"),
+            _run("shared", "tl", 32, n32, "N=32"),
+            _run("peer", "vllm-serve", 32, 4, "N=32"),
+        ]
+        results.loads += run
+        expected.append((run[2], run[1]))
+    wrong_n = [_run("shared-base-paired", "tl", 0, 50, "N=8"), _run("shared", "tl", 32, 1)]
+    between = [
+        _run("shared-base-paired", "tl", 0, 50, "N=32"),
+        _run("peer", "vllm-serve", 32, 50, "N=32"),  # another server's run in between
+        _run("shared", "tl", 32, 2, "N=32"),
+    ]
+    results.loads += wrong_n + between
+    expected.append((between[2], between[0]))
+    pairs = paired_adapter_runs(results.loads, "tl")
+    assert [(r.label, id(r), id(b)) for r, b in pairs[32]] == [
+        (r.label, id(r), id(b)) for r, b in expected
+    ]
+    tput = [r.summary.output_throughput / b.summary.output_throughput for r, b in expected]
+    results.analysis = analyse(results)
+    goal = results.analysis.goals["throughput_32_adapters_vs_base"]
+    assert goal.value == pytest.approx(sorted(tput)[1:3][0] / 2 + sorted(tput)[1:3][1] / 2)
+    assert 0.5 < goal.value < 1.0 and goal.basis
+    assert goal.met is (goal.value >= 0.85)
+    medians = results.analysis.throughput_by_adapters["tl"]
+    assert goal.figures["ratio_of_medians"] == pytest.approx(medians[32] / medians[0])
+    assert goal.figures["ratio_round_1"] == pytest.approx(tput[0])
+    assert results.analysis.paired_ratios["tl"][32] == pytest.approx(goal.value)
+    md = write_report(results, tmp_path / "paired")["markdown"].read_text()
+    assert f"made right before it, median over the rounds): N=32: {goal.value:.2f}" in md
 
 
 def test_rounds_flag_takes_positive_integers_only() -> None:
