@@ -128,19 +128,18 @@ def _adapter_goals(
     is the median over the rounds of the run-by-run ratios, and the figures also give the ratio
     of the sweep's medians; without them, the ratio of the medians."""
     ttft = out.ttft_mean_ms_by_adapters.get(main, {}) if main else {}
+    ratios = out.paired_ratios.get(main, {}) if main else {}
     for n, goal in ((1, ">= 0.9"), (32, ">= 0.85"), (128, ">= 0.85")):
-        if n not in ours or not base_tput:
+        if n not in ratios or not base_tput:
             continue
         figures = {"adapters_tok_s": ours[n], "base_tok_s": base_tput}
-        value, basis = _paired_median(pairs.get(n), _tput), None
-        if value is not None:
+        basis = None
+        if any(_tput(base) for _, base in pairs.get(n, [])):  # ratios[n] is the paired median
             basis = PAIRED_BASIS
             figures["ratio_of_medians"] = ours[n] / base_tput
             for i, (run, base) in enumerate(pairs[n], 1):
                 figures[f"ratio_round_{i}"] = _tput(run) / _tput(base) if _tput(base) else 0.0
-        else:
-            value = ours[n] / base_tput
-        _goal(out, f"throughput_{n}_adapters_vs_base", value, goal, adapters=n, basis=basis,
+        _goal(out, f"throughput_{n}_adapters_vs_base", ratios[n], goal, adapters=n, basis=basis,
               figures=figures)  # fmt: skip
     if 32 in ttft and ttft.get(0):
         figures = {"adapters_ttft_mean_ms": ttft[32], "base_ttft_mean_ms": ttft[0]}

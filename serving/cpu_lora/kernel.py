@@ -148,19 +148,3 @@ def group_args(rows: torch.Tensor, slots: torch.Tensor, ends: torch.Tensor) -> t
     """The kernel's grouping arguments for one step (int64, contiguous tensors the caller keeps
     alive for the step): rows, number of groups, slots, ends."""
     return (rows.data_ptr(), slots.numel(), slots.data_ptr(), ends.data_ptr())
-
-
-def lora_linear(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    cols: torch.Tensor,
-    rows: torch.Tensor,
-    slots: torch.Tensor,
-    ends: torch.Tensor,
-    scale: float,
-) -> None:
-    """y[t, :] += LoRA delta of every row t in ``rows``, in place (see lora_kernel.cpp); one-off
-    form of ``LayerCall`` (shapes as there; the caller checks them)."""
-    LayerCall(a, b, cols)(y, x, group_args(rows, slots, ends), scale)

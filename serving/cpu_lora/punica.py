@@ -41,19 +41,23 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         plain = buffer is None and kwargs.get("add_inputs", True) is True
         if groups is None and plain:
             return None  # no token of this step has an adapter: the common base-only step
-        call = getattr(lora_b_stacked, "kernel_call", None)
-        if call is not None and plain and call.fits(y, x, groups.num_tokens, groups.max_slot):
-            call(y, x, self.group_args, scale)  # the fused kernel, arguments bound per layer
-            return None
+        if getattr(lora_b_stacked, "cols", None) is not None:  # the kernel's compact storage
+            call = getattr(lora_b_stacked, "kernel_call", None)
+            if call is not None and plain and call.fits(y, x, groups.num_tokens, groups.max_slot):
+                call(y, x, self.group_args, scale)  # the fused kernel, arguments bound per layer
+                return None
+            return super().add_lora_linear(  # a call the kernel's storage does not fit
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                buffer=buffer, **kwargs,
+            )  # fmt: skip
         a_cat = getattr(lora_a_stacked, "cat", None)  # (S, 1, K, R)
         b_cat = getattr(lora_b_stacked, "cat", None)
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         if (
-            a_cat is None
+            not plain
+            or a_cat is None
             or b_cat is None
-            or buffer is not None
-            or kwargs.get("add_inputs", True) is not True
             or y2.shape[1] != b_cat.shape[3]
             or x2.shape[0] != y2.shape[0]
             or x2.shape[0] != groups.num_tokens
@@ -62,10 +66,5 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,
             )  # fmt: skip
-        if getattr(lora_b_stacked, "cols", None) is None:
-            grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)
-        else:  # kernel storage, but this call does not fit it (dtype, strides, shapes)
-            return super().add_lora_linear(
-                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs
-            )
+        grouped_lora_linear(y2, x2, a_cat, b_cat, groups, scale)
         return None

@@ -230,8 +230,8 @@ def _compact_weights(slots, k, outs, r, dtype, seed):
 
 
 def _kernel_lora_linear(y, x, sa, sb, groups, scale):
-    kernel.lora_linear(y, x, sa.cat[:, 0], sb.cat[:, 0], sb.cols, groups.rows, groups.slots,
-                       groups.ends, scale)  # fmt: skip
+    """The layer's bound kernel call (kernel.bind in _compact_weights), arguments unchecked."""
+    sb.kernel_call(y, x, kernel.group_args(groups.rows, groups.slots, groups.ends), scale)
 
 
 def test_kernel_builds_here():
