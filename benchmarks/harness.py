@@ -34,6 +34,9 @@ _VLLM_PHASES = {
     "inference": "vllm:request_inference_time_seconds",
     "e2e_request_latency": "vllm:e2e_request_latency_seconds",
 }
+# vLLM's prefix-cache counters, in prompt tokens.
+_PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+_PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 
 def machine_info() -> MachineInfo:
@@ -73,6 +76,15 @@ def phase_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         if n > 0:
             out[phase] = 1000 * (after.get(key + "_sum", 0.0) - before.get(key + "_sum", 0.0)) / n
     return out
+
+
+def prefix_cache_hit_rate(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Share of the prompt tokens of one load that vLLM's prefix cache already held (from
+    /metrics deltas); None when the server reports no prefix-cache queries."""
+    queries = after.get(_PREFIX_QUERIES, 0.0) - before.get(_PREFIX_QUERIES, 0.0)
+    if queries <= 0:
+        return None
+    return (after.get(_PREFIX_HITS, 0.0) - before.get(_PREFIX_HITS, 0.0)) / queries
 
 
 class Harness:
@@ -182,6 +194,7 @@ class Harness:
             quiet=quiet,
             noisy=noisy,
             phases_ms=phase_means(before, after),
+            prefix_cache_hit_rate=prefix_cache_hit_rate(before, after),
             config=result.config,
             summary=s,
             requests=[asdict(r) for r in result.requests],

@@ -82,6 +82,8 @@ class LoadRun:
     requests: list[dict[str, Any]]
     quiet: Quietness | None = None
     noisy: bool = False  # flagged: the machine was not quiet (see benchmarks.quiet)
+    # Share of the run's prompt tokens vLLM found in its prefix cache (None: no vLLM metrics).
+    prefix_cache_hit_rate: float | None = None
 
 
 @dataclass

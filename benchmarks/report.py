@@ -9,6 +9,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from benchmarks.records import BenchResults
@@ -218,7 +219,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"prompt, {cfg.get('single_requests')} requests; every vLLM engine (ours and `vllm serve`) "
         f"with a KV cache of {cfg.get('kv_cache_gib')} GiB, max_loras "
         f"{cfg['max_loras'] if cfg['max_loras'] is not None else 'default'}, max_model_len "
-        f"{cfg['max_model_len']}, the same dtype and adapters (r=16 on all seven projections).",
+        f"{cfg['max_model_len']}, the same dtype and adapters (r=16 on all seven projections). "
+        f"{_prefix_cache_summary(results)}",
         "",
     ]
     if results["errors"]:
@@ -349,6 +351,29 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+SWEEP_SCENARIOS = ("shared", "shared-base-paired", "shared-base-no-adapter", "peer")
+
+
+def _prefix_cache_summary(results: dict[str, Any]) -> str:
+    """How much of the sweep runs' prompts the servers' prefix caches held (each run draws its own
+    prompts, so only the chat template's shared opening should be there)."""
+    runs = [
+        x
+        for x in results["loads"]
+        if x["scenario"] in SWEEP_SCENARIOS and x.get("prefix_cache_hit_rate") is not None
+    ]
+    if not runs:
+        return ""
+    worst = max(runs, key=lambda x: x["prefix_cache_hit_rate"])
+    typical = median(x["prefix_cache_hit_rate"] for x in runs)
+    return (
+        "Every sweep run draws its own prompts (prefix caching is on in every vLLM engine, as "
+        "by default): the most of a run's prompt tokens found in the prefix cache was "
+        f"{100 * worst['prefix_cache_hit_rate']:.0f} % ({worst['label']}), the median "
+        f"{100 * typical:.0f} %."
+    )
 
 
 def _quiet_summary(results: dict[str, Any]) -> str:

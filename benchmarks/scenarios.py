@@ -45,8 +45,20 @@ from benchmarks.servers import (
 log = logging.getLogger(__name__)
 
 # Every load on one server draws its own prompts (the seed picks them): a repeated prompt would hit
-# vLLM's prefix cache and skip its prefill. The sweep uses seed N (0 = base only).
+# vLLM's prefix cache and skip its prefill. The sweep's seeds are sweep_seed's (all >= 10000).
 SEED_WARMUP, SEED_SINGLE, SEED_RATE, SEED_PEFT = 9001, 9002, 9100, 9200
+
+
+def sweep_seed(round_index: int, adapters: int, paired_base: bool = False) -> int:
+    """The seed of one sweep run: distinct for every round, adapter count and paired base run,
+    the same for our server and each peer in one round and N (so they get the same prompts).
+
+    Why: a run that reused an earlier run's prompts found them in the server's prefix cache and
+    skipped most of its prefill (the base-only runs of the sweep once all used seed 0 and ran up
+    to a third faster than their first round)."""
+    if round_index < 0 or not 0 <= adapters < 5000:
+        raise ValueError("sweep_seed: round >= 0 and 0 <= adapters < 5000")
+    return 10_000 * (round_index + 1) + 2 * adapters + int(paired_base)
 
 
 def adapter_targets(server: Server, names: list[str]) -> list[Target]:
@@ -156,7 +168,7 @@ class SharedBase:
                             scenario="shared-base-paired",
                             server=server,
                             adapters=0,
-                            seed=0,
+                            seed=sweep_seed(r, n, paired_base=True),
                             group=f"N={n}",
                         )
                     self.h.load(
@@ -165,7 +177,7 @@ class SharedBase:
                         scenario=("shared" if n else "shared-base-no-adapter") if ours else "peer",
                         server=server,
                         adapters=n,
-                        seed=n,
+                        seed=sweep_seed(r, n),
                         group=f"N={n}",
                     )
 

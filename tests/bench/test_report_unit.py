@@ -227,3 +227,37 @@ def test_rounds_flag_takes_positive_integers_only() -> None:
     for bad in ("0", "-2", "two", "1.5", "9" * 400 + "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--rounds", bad])
+
+
+def test_every_sweep_run_draws_its_own_prompts() -> None:
+    """A run whose seed an earlier run on the same server used would find its prompts in vLLM's
+    prefix cache; each round, adapter count and paired base run gets its own seed, and none is
+    one of the other scenarios' seeds."""
+    from benchmarks.scenarios import SEED_PEFT, SEED_RATE, SEED_SINGLE, SEED_WARMUP, sweep_seed
+
+    counts = [0, 1, 8, 32, 128, 4999]
+    seeds = [sweep_seed(r, n, p) for r in range(5) for n in counts for p in (False, True)]
+    assert len(set(seeds)) == len(seeds)
+    others = {SEED_WARMUP, SEED_SINGLE, *range(SEED_RATE, SEED_RATE + 100), SEED_PEFT}
+    assert not others & set(seeds)
+    assert sweep_seed(1, 32) == sweep_seed(1, 32)  # ours and a peer: the same prompts
+    for bad in ((-1, 1), (0, -1), (0, 5000)):
+        with pytest.raises(ValueError):
+            sweep_seed(*bad)
+
+
+def test_prefix_cache_hit_rate_from_metric_deltas(tmp_path: Path) -> None:
+    from benchmarks.harness import prefix_cache_hit_rate
+
+    q, h = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"
+    assert prefix_cache_hit_rate({q: 100, h: 40}, {q: 300, h: 90}) == 0.25
+    assert prefix_cache_hit_rate({}, {}) is None  # a server without vLLM's metrics
+    assert prefix_cache_hit_rate({q: 5, h: 5}, {q: 5, h: 5}) is None  # no prompt in the run
+
+    results = _results(tmp_path)
+    for run, rate in zip(results.loads, (0.9, 0.1, 0.2, 0.3), strict=False):
+        run.prefix_cache_hit_rate = rate
+    results.loads[-1].prefix_cache_hit_rate = 1.0  # not a sweep run: not counted
+    results.analysis = analyse(results)
+    md = write_report(results, tmp_path / "out")["markdown"].read_text()
+    assert "found in the prefix cache was 90 % (tl shared-base-no-adapter), the median 25 %" in md

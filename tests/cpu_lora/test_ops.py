@@ -304,10 +304,11 @@ def test_group_tokens_kernel_fields():
 @pytest.mark.parametrize("dtype", kernel.DTYPES, ids=str)
 @pytest.mark.parametrize("layer", [(96, (96, 32, 32)), (1536, (576,)), (40, (50, 7))], ids=str)
 def test_kernel_every_group_size(dtype, layer):
-    """Groups of 1 to 9 rows: the kernel's one- to three-row blocks (decode: the weights are read
-    as one stream) and full four-row blocks (prefill: tiles summed in registers), with tails."""
+    """Groups of 1 to 13 rows: groups of up to eight rows (decode) read B as one stream in blocks
+    of one to four rows; larger groups (prefill) sum full four-row blocks in register tiles, with
+    a one- to three-row block at the end (9-13 rows)."""
     k, outs = layer
-    sizes = list(range(1, 10))
+    sizes = list(range(1, 14))
     a, b, sa, sb = _compact_weights(len(sizes) + 1, k, outs, 16, dtype, seed=len(outs))
     token_slots = torch.tensor([s for s, n in enumerate(sizes) for _ in range(n)] + [-1, -1])
     token_slots = token_slots[
