@@ -358,7 +358,7 @@ SWEEP_SCENARIOS = ("shared", "shared-base-paired", "shared-base-no-adapter", "pe
 
 def _prefix_cache_summary(results: dict[str, Any]) -> str:
     """How much of the sweep runs' prompts the servers' prefix caches held (each run draws its own
-    prompts, so only the chat template's shared opening should be there)."""
+    prompts, so it should be near zero)."""
     runs = [
         x
         for x in results["loads"]

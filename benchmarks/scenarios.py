@@ -53,9 +53,9 @@ def sweep_seed(round_index: int, adapters: int, paired_base: bool = False) -> in
     """The seed of one sweep run: distinct for every round, adapter count and paired base run,
     the same for our server and each peer in one round and N (so they get the same prompts).
 
-    Why: a run that reused an earlier run's prompts found them in the server's prefix cache and
-    skipped most of its prefill (the base-only runs of the sweep once all used seed 0 and ran up
-    to a third faster than their first round)."""
+    Why: a run that reuses an earlier run's prompts can find them in the server's prefix cache
+    and skip most of its prefill (the paired base-only runs once all used seed 0; how much that
+    moved their figures was not measured)."""
     if round_index < 0 or not 0 <= adapters < 5000:
         raise ValueError("sweep_seed: round >= 0 and 0 <= adapters < 5000")
     return 10_000 * (round_index + 1) + 2 * adapters + int(paired_base)

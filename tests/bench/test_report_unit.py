@@ -240,7 +240,6 @@ def test_every_sweep_run_draws_its_own_prompts() -> None:
     assert len(set(seeds)) == len(seeds)
     others = {SEED_WARMUP, SEED_SINGLE, *range(SEED_RATE, SEED_RATE + 100), SEED_PEFT}
     assert not others & set(seeds)
-    assert sweep_seed(1, 32) == sweep_seed(1, 32)  # ours and a peer: the same prompts
     for bad in ((-1, 1), (0, -1), (0, 5000)):
         with pytest.raises(ValueError):
             sweep_seed(*bad)
