@@ -3,13 +3,44 @@ linear LoRA op replaced by the grouped one (serving.cpu_lora.ops)."""
 
 from __future__ import annotations
 
+import torch
+from torch.library import Library
 from vllm.logger import init_logger
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from . import kernel
 from .ops import TokenGroups, group_tokens, grouped_lora_linear
 
 logger = init_logger("vllm.tenantlora.cpu_lora")
+
+# Every stacked layer's (a, b, output_slices), by the id its B storage carries (``op_id``), and
+# the process's wrapper (one model, one wrapper): what the custom op reads at run time.
+_LAYERS: list[tuple] = []
+_WRAPPER: list[GroupedPunicaWrapperCPU] = []
+
+
+def register_layer(a_stacked, b_stacked, output_slices: tuple[int, ...]) -> None:
+    """Give a stacked layer the id the custom op finds it by."""
+    b_stacked.op_id = len(_LAYERS)
+    _LAYERS.append((a_stacked, b_stacked, tuple(output_slices)))
+
+
+def _lora_linear(y: torch.Tensor, x: torch.Tensor, layer: int, scale: float) -> None:
+    a, b, slices = _LAYERS[layer]
+    _WRAPPER[0].add_lora_linear_now(y, x, a, b, scale, slices)
+
+
+def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer: int, scale: float) -> None:
+    return None
+
+
+# One opaque op per LoRA layer call, so torch.compile traces the model around it: the step's
+# grouping is read when the op runs, never baked into the compiled graph.
+_LIB = Library("tenantlora", "FRAGMENT")
+direct_register_custom_op(
+    "lora_linear", _lora_linear, mutates_args=["y"], fake_impl=_lora_linear_fake, target_lib=_LIB
+)
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -22,6 +53,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        _WRAPPER[:] = [self]
         logger.info_once(
             "tenantlora CPU LoRA ops: on (grouped LoRA matmuls; TENANTLORA_CPU_LORA_OPS=0 turns "
             "them off)"
@@ -37,6 +69,20 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(
         self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
     ):
+        """A layer the plugin stacked goes through the custom op (traced as one call when the
+        model is compiled); any other call runs ``add_lora_linear_now`` directly."""
+        op_id = getattr(lora_b_stacked, "op_id", None)
+        if op_id is not None and buffer is None and kwargs.get("add_inputs", True) is True:
+            torch.ops.tenantlora.lora_linear(y, x, op_id, scale)
+            return None
+        return self.add_lora_linear_now(
+            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+        )
+
+    def add_lora_linear_now(
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
+    ):
+        """The layer's LoRA delta added to y now, from this step's grouping."""
         groups = self.groups
         plain = buffer is None and kwargs.get("add_inputs", True) is True
         if groups is None and plain:

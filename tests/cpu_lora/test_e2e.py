@@ -1,7 +1,8 @@
-"""End to end: greedy outputs of a real vLLM engine with the CPU LoRA plugin on equal those with it
-off, for one mixed batch (base-model requests and three adapters in one generate call, prefill and
-decode), except at an exact near-tie (checked with the log-probabilities; see the test), in the
-dtype the server picks on this machine. Each engine runs in its own subprocess, since the plugin
+"""End to end: greedy outputs of a real vLLM engine with the CPU LoRA plugin on (the model
+compiled with torch.compile) equal those with it off (eager, vLLM's own LoRA ops), for one mixed
+batch (base-model requests and three adapters in one generate call, prefill and decode), except
+at an exact near-tie (checked with the log-probabilities; see the test), in the dtype the server
+picks on this machine. Each engine runs in its own subprocess, since the plugin
 is chosen per process by TENANTLORA_CPU_LORA_OPS. About two engine start-ups: 1-3 minutes.
 """
 
@@ -89,6 +90,9 @@ def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_d
     assert "Using PunicaWrapperCPU" in off["log"]
     assert "tenantlora CPU LoRA ops: on" in on["log"]
     assert "tenantlora CPU LoRA ops: off" in off["log"]
+    # With the plugin the model is compiled with LoRA on (vLLM alone runs it eagerly).
+    assert "compilation mode DYNAMO_TRACE_ONCE kept with LoRA on" in on["log"]
+    assert "kept with LoRA on" not in off["log"]
     # Sanity: the adapters change outputs (most of the adapter prompts differ from the base), and
     # the base requests in the mixed batch start like the base alone (a batch of another size may
     # round differently later on, with or without the plugin).

@@ -377,3 +377,43 @@ def test_punica_wrapper_uses_the_bound_kernel_call(monkeypatch):
     y = torch.randn(4, 48).bfloat16()
     wrapper.add_lora_linear(y, torch.randn(4, 64).bfloat16(), sa, sb, 1.0, (32, 16))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("layout", ["grouped", "kernel"])
+def test_compiled_layer_reads_each_steps_grouping(layout):
+    """The plugin lets vLLM compile the model with LoRA on: the wrapper's call is one custom op
+    (torch.ops.tenantlora.lora_linear), so a compiled graph (one graph, no break) must apply
+    whatever adapters the current step maps, not the ones it was traced with, and nothing
+    for a step without adapters."""
+    from serving.cpu_lora.punica import register_layer
+
+    slots, k, outs, rank = 4, 64, (32, 16), 8
+    stack = _weights if layout == "grouped" else _compact_weights
+    a, b, sa, sb = stack(slots, k, outs, rank, torch.bfloat16, seed=11)
+    register_layer(sa, sb, outs)
+    wrapper = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    reference = PunicaWrapperCPU(64, 8, "cpu")
+
+    def layer(y, x):
+        out = y * 1.0  # like the base layer's output: an intermediate the op then updates
+        wrapper.add_lora_linear(out, x, sa, sb, 1.0, outs)
+        return out + 0.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    gen = torch.Generator().manual_seed(12)
+    steps = [[1, 1, 0], [2, 0, 2, 1, 1], [-1, -1], [0, -1, 2, -1]]
+    for ids in steps:
+        x = torch.randn(len(ids), k, generator=gen).bfloat16()
+        y = torch.randn(len(ids), sum(outs), generator=gen).bfloat16()
+        lora_ids = [1, 2, 3, None]
+        for w in (wrapper, reference):
+            w.update_metadata(_mapping([i + 1 if i >= 0 else 0 for i in ids], False), lora_ids,
+                              slots + 1, 1000)  # fmt: skip
+        got = compiled(y, x)
+        want = y.clone()
+        reference.add_lora_linear(want, x, a, b, 1.0, outs)
+        _assert_close(got, want, y, torch.bfloat16)
+        if all(i < 0 for i in ids):
+            assert torch.equal(got, y)
+        else:
+            assert not torch.equal(got, y)
