@@ -69,12 +69,34 @@ def test_multiple_choice_scored_by_loglikelihood(harness_run) -> None:
     assert row.value == pytest.approx(want)
 
 
+def _assert_same_greedy_text(harness_text: str, choice) -> None:
+    """The harness's text is the chat route's greedy answer, except where the two part at a
+    near-tie. The harness sends its prompts together, the test one at a time, and the compiled
+    model's bf16 sums differ between batch sizes in the last bit, which can flip an argmax
+    between two tokens whose log-probabilities agree within that noise (as in
+    tests/cpu_lora/test_e2e.py). Allowed only after the first token, at a gap of at most 0.125."""
+    reply = choice.message.content
+    if harness_text == reply:
+        return
+    text = ""
+    for i, token in enumerate(choice.logprobs.content):
+        if not harness_text.startswith(text + token.token):
+            top = sorted((t.logprob for t in token.top_logprobs), reverse=True)
+            gap = top[0] - top[1] if len(top) > 1 else float("inf")
+            print(f"harness and chat route part at token {i}, log-prob gap {gap:.4f}")
+            assert i > 0 and gap <= 0.125, f"{harness_text!r} vs {reply!r} (gap {gap})"
+            return
+        text += token.token
+    raise AssertionError(f"{harness_text!r} vs {reply!r}")
+
+
 @pytest.mark.engine
 def test_generation_task_scores_what_the_chat_route_answers(
     harness_run, live_server, tenant_key, harness_data
 ) -> None:
     """The harness's greedy completions of the chat-rendered prompts are the chat route's own
-    greedy answers, and its `score` is the project's rule on them."""
+    greedy answers (up to a near-tie, see _assert_same_greedy_text), and its `score` is the
+    project's rule on them."""
     _, result = harness_run
     row = _row(result, "tl_intent", "score")
     assert 0.0 <= row.value <= 1.0 and row.n == LIMIT
@@ -83,9 +105,10 @@ def test_generation_task_scores_what_the_chat_route_answers(
     scorer = get_task("intent")
     for example, sample in zip(examples, result.samples["tl_intent"], strict=True):
         reply = client.chat.completions.create(
-            model="a", messages=example.prompt, temperature=0, max_tokens=scorer.max_tokens
-        )
-        assert sample["output"] == reply.choices[0].message.content
+            model="a", messages=example.prompt, temperature=0, max_tokens=scorer.max_tokens,
+            logprobs=True, top_logprobs=2,
+        )  # fmt: skip
+        _assert_same_greedy_text(sample["output"], reply.choices[0])
         assert sample["score"] == scorer.score(sample["output"], example.completion)
     assert row.value == pytest.approx(sum(s["score"] for s in result.samples["tl_intent"]) / LIMIT)
 
