@@ -12,6 +12,13 @@ from adapters.targets import LORA_TARGET_MODULES
 ALL_PROJECTIONS = list(LORA_TARGET_MODULES)
 
 
+def tie_logprob_gap(dtype: str) -> float:
+    """The largest gap between two tokens' log-probabilities that still counts as a tie when two
+    runs of the same model part there. In bf16 the logits' step at |logit| in [16, 32) is 0.125,
+    so a smaller gap is a tie at the model's own precision; float32 sums agree to ~1e-6."""
+    return 0.125 if dtype == "bfloat16" else 1e-3
+
+
 def make_random_adapters(
     base_path: Path,
     outs: dict[Path, int],

@@ -18,6 +18,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from support import tie_logprob_gap  # noqa: E402
+
 from serving.hardware import resolve_dtype  # noqa: E402
 
 DTYPE = resolve_dtype("auto", gpu=False)  # what the server runs on this CPU
@@ -83,7 +85,7 @@ def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_d
         off_top = off["top2"][i][p]
         gap = abs(off_top.get(str(b[p]), 0.0) - off_top.get(str(a[p]), float("-inf")))
         print(f"prompt {i}: on/off diverge at token {p}, log-prob gap there {gap:.4f}")
-        tie = 0.125 if DTYPE == "bfloat16" else 1e-3
+        tie = tie_logprob_gap(DTYPE)
         assert p > 0 and gap <= tie, f"prompt {i}: on {a} vs off {b} (gap {gap})"
     assert sum(a != b for a, b in zip(on["mixed"], off["mixed"], strict=True)) <= 1
     assert "Using GroupedPunicaWrapperCPU" in on["log"]
