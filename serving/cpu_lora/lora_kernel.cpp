@@ -51,66 +51,66 @@ struct F32 {
 };
 
 constexpr int64_t kRowBlock = 4;   // token rows that share one read of the weights
-// Groups of more rows than this (prefill) expand in register tiles; smaller ones (decode) stream
-// B (see expand). Measured on the decode-step microbenchmark: 8 beat 4 and 16.
-constexpr int64_t kTiledRows = 2 * kRowBlock;
 // Software prefetch distance on A and B. 4 KB ahead (a page) beat 0.75-2 KB by 8-10 % on the
 // decode-step microbenchmark (AMD EPYC, AVX-512); the distance was in rows before, which left
 // rank-16 shrinks (32-byte rows) only 768 bytes ahead.
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kVec = 16;        // floats per vector (one AVX-512 register, two AVX2 ones)
+// 8-float vectors (one AVX2 register) for the register tiles: ranks are multiples of 8 in
+// practice (r = 8, 16, 32, 64), so R and the slices' rank columns split into whole 8-vectors,
+// and M x NC accumulators plus NC weight vectors fit AVX2's 16 registers (M = 4, NC = 3). With
+// 16-float vectors a rank-8 shrink (o, down) fell to the scalar tail: 4-6 GFLOP/s, where the base
+// layers' float32 GEMMs run at 90-150 on the same AVX2 machine.
+constexpr int64_t kVec8 = 8;
+constexpr int kMaxNC = 3;
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
-typedef float f32v __attribute__((vector_size(64)));
-typedef uint32_t u32v __attribute__((vector_size(64)));
-typedef uint16_t u16v __attribute__((vector_size(32)));
-
-inline f32v vload(const float* p) {
-  f32v v;
+inline f32x8 vload8(const float* p) {
+  f32x8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline f32v vload(const uint16_t* p) {  // 16 bf16 -> 16 float
-  u16v h;
+inline f32x8 vload8(const uint16_t* p) {  // 8 bf16 -> 8 float
+  u16x8 h;
   std::memcpy(&h, p, sizeof h);
-  u32v w = __builtin_convertvector(h, u32v) << 16;
-  f32v v;
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
 
-// Shrink of M rows (1..kRowBlock), register-blocked: h[i][j0 + 16c + l] for NC vectors of
-// columns, summed over K. A is read once, row after row (one sequential stream per tile).
+// Shrink of M rows (1..kRowBlock), register-blocked: h[i][j0 + 8c + l] for NC vectors of
+// columns, summed over K in order. A is read once per tile, row after row.
 template <class D, int M, int NC>
 void shrink_tile(const float* xf, const typename D::T* A, int64_t K, int64_t R, int64_t j0,
                  float* h) {
-  f32v acc[M][NC] = {};
+  f32x8 acc[M][NC] = {};
   const int64_t row_bytes = R * static_cast<int64_t>(sizeof(typename D::T));
   const int64_t ahead = kPrefetchBytes / row_bytes > 1 ? kPrefetchBytes / row_bytes : 1;
   for (int64_t k = 0; k < K; ++k) {
     __builtin_prefetch(A + (k + ahead) * R + j0);
-    if (NC > 2) __builtin_prefetch(A + (k + ahead) * R + j0 + 2 * kVec);
-    f32v w[NC];
-    for (int c = 0; c < NC; ++c) w[c] = vload(A + k * R + j0 + c * kVec);
+    f32x8 w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = vload8(A + k * R + j0 + c * kVec8);
     for (int i = 0; i < M; ++i) {
       const float xv = xf[i * K + k];
       for (int c = 0; c < NC; ++c) acc[i][c] += xv * w[c];
     }
   }
   for (int i = 0; i < M; ++i)
-    for (int c = 0; c < NC; ++c) std::memcpy(h + i * R + j0 + c * kVec, &acc[i][c], sizeof(f32v));
+    for (int c = 0; c < NC; ++c) std::memcpy(h + i * R + j0 + c * kVec8, &acc[i][c], sizeof(f32x8));
 }
 
 template <class D, int M>
 void shrink(const float* xf, const typename D::T* A, int64_t K, int64_t R, float* h) {
   int64_t j0 = 0;
-  for (; j0 + 4 * kVec <= R; j0 += 4 * kVec) shrink_tile<D, M, 4>(xf, A, K, R, j0, h);
-  switch ((R - j0) / kVec) {
-    case 3: shrink_tile<D, M, 3>(xf, A, K, R, j0, h); j0 += 3 * kVec; break;
-    case 2: shrink_tile<D, M, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec; break;
-    case 1: shrink_tile<D, M, 1>(xf, A, K, R, j0, h); j0 += kVec; break;
+  for (; j0 + kMaxNC * kVec8 <= R; j0 += kMaxNC * kVec8) shrink_tile<D, M, kMaxNC>(xf, A, K, R, j0, h);
+  switch ((R - j0) / kVec8) {
+    case 2: shrink_tile<D, M, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec8; break;
+    case 1: shrink_tile<D, M, 1>(xf, A, K, R, j0, h); j0 += kVec8; break;
     default: break;
   }
-  if (j0 < R) {  // columns past the last full vector
+  if (j0 < R) {  // columns past the last full vector (ranks that are not multiples of 8)
     for (int i = 0; i < M; ++i)
       for (int64_t j = j0; j < R; ++j) h[i * R + j] = 0.f;
     for (int64_t k = 0; k < K; ++k)
@@ -119,59 +119,47 @@ void shrink(const float* xf, const typename D::T* A, int64_t K, int64_t R, float
   }
 }
 
-// Expand of M rows into out[i][col[0] .. col[n_slices]) (float32).
-// A group of few rows (decode: up to kTiledRows tokens of an adapter): B is read once, rank after
-// rank (rank j of every slice is one contiguous run of N values), so the reads stream from memory;
-// the float32 sums stay in cache. A full block of a larger group (prefill, ``tiled``): 32-column
-// tiles summed in registers over the ranks, since B is in cache after the group's first block
-// (on a group's only block, the tiles' strided reads of B ran 15-25 % slower than streaming).
-// Both sum over the ranks in the same order, so they give the same bits.
+// A tiled expand's NC vectors of columns n0.. of one slice: out[i][n] = sum over the slice's
+// ranks j (in order) of h[i][j] * B[j][n].
+template <class D, int M, int NC>
+void expand_tile(const float* hs, int64_t R, const typename D::T* B, int64_t N, int64_t r,
+                 int64_t n0, float* out) {
+  f32x8 acc[M][NC] = {};
+  for (int64_t j = 0; j < r; ++j) {
+    f32x8 w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = vload8(B + j * N + n0 + c * kVec8);
+    for (int i = 0; i < M; ++i) {
+      const float hv = hs[i * R + j];
+      for (int c = 0; c < NC; ++c) acc[i][c] += hv * w[c];
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int c = 0; c < NC; ++c) std::memcpy(out + i * N + n0 + c * kVec8, &acc[i][c], sizeof(f32x8));
+}
+
+// Expand of M rows into out[i][col[0] .. col[n_slices]) (float32): per slice, register tiles of
+// NC 8-vectors of columns summed over the slice's ranks in order. B is read once per block; the
+// streaming expand this replaced (out updated in memory, rank after rank) ran at half the speed
+// even for one-row groups (decode with many adapters) on AVX2.
 template <class D, int M>
 void expand(const float* h, int64_t R, const typename D::T* B, int64_t N, int64_t r,
-            int64_t n_slices, const int64_t* col, float* out, bool tiled) {
-  if (M == kRowBlock && tiled) {
-    for (int64_t s = 0; s < n_slices; ++s) {
-      int64_t n0 = col[s];
-      for (; n0 + 2 * kVec <= col[s + 1]; n0 += 2 * kVec) {
-        f32v acc[M][2] = {};
-        for (int64_t j = 0; j < r; ++j) {
-          const f32v w0 = vload(B + j * N + n0), w1 = vload(B + j * N + n0 + kVec);
-          for (int i = 0; i < M; ++i) {
-            const float hv = h[i * R + s * r + j];
-            acc[i][0] += hv * w0;
-            acc[i][1] += hv * w1;
-          }
-        }
-        for (int i = 0; i < M; ++i) std::memcpy(out + i * N + n0, acc[i], sizeof acc[i]);
-      }
-      for (; n0 < col[s + 1]; ++n0)  // columns past the last full tile
-        for (int i = 0; i < M; ++i) {
-          float sum = 0.f;
-          for (int64_t j = 0; j < r; ++j) sum += h[i * R + s * r + j] * D::load(B[j * N + n0]);
-          out[i * N + n0] = sum;
-        }
+            int64_t n_slices, const int64_t* col, float* out) {
+  for (int64_t s = 0; s < n_slices; ++s) {
+    const float* hs = h + s * r;
+    int64_t n0 = col[s];
+    for (; n0 + kMaxNC * kVec8 <= col[s + 1]; n0 += kMaxNC * kVec8)
+      expand_tile<D, M, kMaxNC>(hs, R, B, N, r, n0, out);
+    switch ((col[s + 1] - n0) / kVec8) {
+      case 2: expand_tile<D, M, 2>(hs, R, B, N, r, n0, out); n0 += 2 * kVec8; break;
+      case 1: expand_tile<D, M, 1>(hs, R, B, N, r, n0, out); n0 += kVec8; break;
+      default: break;
     }
-    return;
-  }
-  std::memset(out, 0, sizeof(float) * M * N);
-  for (int64_t j = 0; j < r; ++j) {
-    const typename D::T* bj = B + j * N;
-    for (int64_t s = 0; s < n_slices; ++s) {
-      float hv[M];
-      for (int i = 0; i < M; ++i) hv[i] = h[i * R + s * r + j];
-      int64_t n = col[s];
-      for (; n + kVec <= col[s + 1]; n += kVec) {
-        __builtin_prefetch(bj + n + kPrefetchBytes / sizeof(typename D::T));
-        const f32v w = vload(bj + n);
-        for (int i = 0; i < M; ++i) {
-          f32v o = vload(out + i * N + n);
-          o += hv[i] * w;
-          std::memcpy(out + i * N + n, &o, sizeof o);
-        }
+    for (; n0 < col[s + 1]; ++n0)  // columns past the last full vector
+      for (int i = 0; i < M; ++i) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < r; ++j) sum += hs[i * R + j] * D::load(B[j * N + n0]);
+        out[i * N + n0] = sum;
       }
-      for (; n < col[s + 1]; ++n)
-        for (int i = 0; i < M; ++i) out[i * N + n] += hv[i] * D::load(bj[n]);
-    }
   }
 }
 
@@ -180,7 +168,7 @@ template <class D, int M>
 void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
            const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
            int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, float scale,
-           float* xf, float* h, float* out, bool tiled) {
+           float* xf, float* h, float* out) {
   const int64_t R = n_slices * r;
   for (int i = 0; i < M; ++i) {
     const typename D::T* xr = x + rows[i] * x_stride;
@@ -190,7 +178,7 @@ void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y
   shrink<D, M>(xf, A, K, R, h);
   for (int64_t j = 0; j < M * R; ++j) h[j] = D::round(h[j] * scale);
   // Expand: y[:, col[s]:col[s+1]] += round(h[:, s*r:(s+1)*r] @ B[:, col[s]:col[s+1]]).
-  expand<D, M>(h, R, B, N, r, n_slices, col, out, tiled);
+  expand<D, M>(h, R, B, N, r, n_slices, col, out);
   for (int i = 0; i < M; ++i) {
     typename D::T* yr = y + rows[i] * y_stride;
     const float* oi = out + i * N;
@@ -203,10 +191,10 @@ template <class D>
 void block_m(int64_t m, const typename D::T* x, int64_t x_stride, typename D::T* y,
              int64_t y_stride, const typename D::T* A, const typename D::T* B, int64_t K,
              int64_t r, int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
-             float scale, float* xf, float* h, float* out, bool tiled) {
+             float scale, float* xf, float* h, float* out) {
   switch (m) {
 #define TL_BLOCK(M) \
-  case M: block<D, M>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, scale, xf, h, out, tiled); break;
+  case M: block<D, M>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, scale, xf, h, out); break;
     TL_BLOCK(1) TL_BLOCK(2) TL_BLOCK(3) TL_BLOCK(4)
 #undef TL_BLOCK
     default: break;
@@ -222,14 +210,12 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
   // Work items: (group, block of rows). Rows of one item are disjoint from every other's, so
   // the items can run on any thread in any order.
   std::vector<int64_t> item_start, item_len, item_slot;
-  std::vector<char> item_tiled;  // the item's group has more than kTiledRows rows
   int64_t start = 0;
   for (int64_t g = 0; g < n_groups; ++g) {
     for (int64_t b = start; b < ends[g]; b += kRowBlock) {
       item_start.push_back(b);
       item_len.push_back(ends[g] - b < kRowBlock ? ends[g] - b : kRowBlock);
       item_slot.push_back(slots[g]);
-      item_tiled.push_back(ends[g] - start > kTiledRows);
     }
     start = ends[g];
   }
@@ -242,7 +228,7 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
       const int64_t s = item_slot[it];
       block_m<D>(item_len[it], x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r,
                  n_slices, col, N, rows + item_start[it], scale, xf.data(), h.data(),
-                 out.data(), item_tiled[it]);
+                 out.data());
     }
   }
 }
