@@ -45,6 +45,7 @@ def run_command(args: argparse.Namespace) -> int:
         "enforce_eager",
         "name",
         "max_loras",
+        "lora_dtype",
         "single_requests",
         "rounds",
         "llama_cpp_python",
@@ -73,6 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.quick
         else BenchConfig(**common, **overrides)
     )
+    cfg.lora_dtype = cfg.engine_lora_dtype()  # recorded as resolved
     logging.getLogger("httpx").setLevel(logging.WARNING)
     results = run_benchmark(cfg)
     for kind, path in write_report(results, out_dir).items():
@@ -143,6 +145,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "peft (transformers+PEFT), llamacpp (llama.cpp's server); default all; '' for none",
     )
     parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
+    parser.add_argument(
+        "--lora-dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="Every vLLM engine's lora_dtype (default: bfloat16 under a float32 model, the "
+        "adapters being bf16; else the model's)",
+    )
     parser.add_argument("--single-requests", type=int, help="Requests of the one-alone runs")
     parser.add_argument(
         "--rounds",

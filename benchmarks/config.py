@@ -29,6 +29,10 @@ class BenchConfig:
     max_loras: int | None = None
     kv_cache_gib: float = 1.0  # every engine alike (vLLM kv_cache_memory_bytes)
     max_model_len: int = 1024
+    # Every vLLM engine alike (ours and `vllm serve`); None: bfloat16 under a float32 model (the
+    # benchmark's adapters are saved in bf16, so no bit is lost and each step reads half the
+    # bytes per adapter), else the model's own (vLLM's "auto").
+    lora_dtype: str | None = None
     merged_count: int = 3
     # Peers run in the same invocation: "vllm" (`vllm serve --enable-lora`, every N), "peft"
     # (transformers + PEFT at equal concurrency), "llamacpp" (llama.cpp's server, base only).
@@ -59,6 +63,14 @@ class BenchConfig:
         from serving.settings import Settings
 
         return Settings().effective_max_loras(gpu=False)
+
+    def engine_lora_dtype(self) -> str:
+        """lora_dtype of every vLLM engine in the run (ours and `vllm serve`)."""
+        if self.lora_dtype is not None:
+            return self.lora_dtype
+        from benchmarks.servers import bench_dtype
+
+        return "bfloat16" if bench_dtype() == "float32" else "auto"
 
     @classmethod
     def quick_preset(cls, **kw: Any) -> BenchConfig:

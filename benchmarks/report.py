@@ -219,7 +219,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"prompt, {cfg.get('single_requests')} requests; every vLLM engine (ours and `vllm serve`) "
         f"with a KV cache of {cfg.get('kv_cache_gib')} GiB, max_loras "
         f"{cfg['max_loras'] if cfg['max_loras'] is not None else 'default'}, max_model_len "
-        f"{cfg['max_model_len']}, the same dtype and adapters (r=16 on all seven projections). "
+        f"{cfg['max_model_len']}, the same dtype, LoRA dtype ({cfg.get('lora_dtype') or 'auto'}) "
+        "and adapters (r=16 on all seven projections, saved in bf16). "
         f"{_prefix_cache_summary(results)}",
         "",
     ]

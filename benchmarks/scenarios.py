@@ -80,6 +80,7 @@ def vllm_lora_server(h: Harness, name: str, adapters: dict[str, Path]) -> Server
         c.max_model_len,
         c.kv_cache_gib,
         enforce_eager=c.enforce_eager,
+        lora_dtype=c.engine_lora_dtype(),
     )
 
 
@@ -126,6 +127,7 @@ class SharedBase:
                 c.kv_cache_gib,
                 cpu_lora_ops=self.variant,
                 enforce_eager=c.enforce_eager,
+                lora_dtype=c.engine_lora_dtype(),
             )
         else:
             spec = vllm_lora_server(self.h, name, self.adapters)

@@ -210,6 +210,7 @@ def tenantlora_server(
     kv_cache_gib: float,
     cpu_lora_ops: bool | None = None,
     enforce_eager: bool = False,
+    lora_dtype: str = "auto",
 ) -> Server:
     """`tenantlora serve` (our server) with static adapters."""
     port = free_port()
@@ -218,6 +219,7 @@ def tenantlora_server(
     cmd += ["--dtype", bench_dtype()]
     cmd += ["--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras)]
     cmd += ["--max-model-len", str(max_model_len), "--kv-cache-gib", str(kv_cache_gib)]
+    cmd += ["--lora-dtype", lora_dtype]
     for lname, path in loras.items():
         cmd += ["--lora", f"{lname}={path}"]
     if enforce_eager:
@@ -239,6 +241,7 @@ def vllm_server(
     max_model_len: int,
     kv_cache_gib: float,
     enforce_eager: bool = False,
+    lora_dtype: str = "auto",
 ) -> Server:
     """vLLM's own OpenAI server; with adapters it enables LoRA, without them it is a plain engine.
     Its engine threads are bound as ours are (serving.engine.cpu_thread_binding), so both use the
@@ -252,7 +255,8 @@ def vllm_server(
         cmd.append("--enforce-eager")
     if loras:
         cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max_loras)]
-        cmd += ["--max-cpu-loras", str(max(max_cpu_loras, max_loras)), "--lora-modules"]
+        cmd += ["--max-cpu-loras", str(max(max_cpu_loras, max_loras)), "--lora-dtype", lora_dtype]
+        cmd += ["--lora-modules"]
         cmd += [f"{n}={p}" for n, p in loras.items()]
     return Server(name, cmd, port, log_dir / f"{name}.log", engine_thread_env(), "base")
 

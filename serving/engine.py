@@ -61,6 +61,7 @@ def engine_kwargs(
             max_loras=settings.effective_max_loras(gpu),
             max_cpu_loras=settings.adapter_cache_size(gpu),
             max_lora_rank=settings.max_lora_rank,
+            lora_dtype=settings.lora_dtype,
             # Only the projections adapters may target (adapters.validation). vLLM's default
             # wraps lm_head and the embeddings too, and on the CPU its logits LoRA then gathers a
             # (vocab x rank) weight copy per sequence every step, for adapters that have none.

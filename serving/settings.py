@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
         description="Weights and activation dtype. auto: bfloat16 on a GPU and on CPUs with "
         "native bf16 (AVX-512 BF16, AMX, Arm BF16); float32 on other CPUs, where torch's bf16 "
         "matmuls are about 10x slower than float32 ones.",
+    )
+    lora_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Adapter weights' dtype in the engine (vLLM lora_dtype). auto: the model's. "
+        "bfloat16 under a float32 model (AVX2 CPUs) halves the bytes each step reads per adapter: "
+        "the CPU LoRA kernel then runs 1.3-2x faster with many adapters in a step, and adapters "
+        "saved in bf16 keep every bit.",
     )
     max_num_seqs: int = Field(64, description="Largest number of sequences in one engine step.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")

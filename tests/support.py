@@ -50,7 +50,9 @@ def make_random_adapters(
             for name, param in peft_model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
                     noise = torch.randn(param.shape, generator=gen)
-                    param.copy_(noise * scale / param.shape[-1] ** 0.5)
+                    # bf16-exact values: an engine storing adapters in bf16 (lora_dtype) holds
+                    # the same numbers as one storing them in float32.
+                    param.copy_((noise * scale / param.shape[-1] ** 0.5).bfloat16().float())
         peft_model.save_pretrained(out, safe_serialization=True)
     return list(outs)
 

@@ -31,7 +31,7 @@ from serving.hardware import cpu_capabilities, cpu_model_name
 logger = logging.getLogger("vllm.tenantlora.cpu_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 CACHE_ENV = "TENANTLORA_KERNEL_CACHE"
 DTYPES = (torch.bfloat16, torch.float32)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -86,7 +86,7 @@ def load() -> ctypes.CDLL | None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     argtypes = [p, i64, p, i64, p, p, i64, i64, i64, p, i64, p, i64, p, p, ctypes.c_float]
-    for name in ("tl_lora_linear_bf16", "tl_lora_linear_f32"):
+    for name in ("tl_lora_linear_bf16", "tl_lora_linear_f32", "tl_lora_linear_f32_bf16w"):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
@@ -100,10 +100,11 @@ class LayerCall:
     binding the rest takes about 10 us of Python off each of the ~120 layer calls of a step.
 
     a: (S, K, R) and b: (S, r, N), contiguous, same dtype (bf16 or float32); cols: (n_slices + 1,)
-    int64 column bounds of the slices in b.
+    int64 column bounds of the slices in b. x and y are in the weights' dtype, or float32 with
+    bf16 weights (vLLM's ``--lora-dtype bfloat16`` on a float32 model: half the bytes to read).
     """
 
-    __slots__ = ("a", "b", "cols", "dtype", "slots", "k", "n", "_fn", "_const")
+    __slots__ = ("a", "b", "cols", "dtype", "slots", "k", "n", "_fns", "_const")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor):
         lib = load()
@@ -112,7 +113,11 @@ class LayerCall:
         self.a, self.b, self.cols = a, b, cols  # keep the storage alive
         self.dtype = a.dtype
         self.slots, self.k, self.n = a.shape[0], a.shape[1], b.shape[2]
-        self._fn = lib.tl_lora_linear_bf16 if a.dtype == torch.bfloat16 else lib.tl_lora_linear_f32
+        self._fns = (  # by the activations' dtype
+            {torch.bfloat16: lib.tl_lora_linear_bf16, torch.float32: lib.tl_lora_linear_f32_bf16w}
+            if a.dtype == torch.bfloat16
+            else {torch.float32: lib.tl_lora_linear_f32}
+        )
         self._const = (a.data_ptr(), b.data_ptr(), self.k, b.shape[1], cols.numel() - 1,
                        cols.data_ptr(), self.n)  # fmt: skip
 
@@ -120,8 +125,8 @@ class LayerCall:
         """Whether (T, N) y and (T, K) x are what this layer's kernel call reads (the kernel
         trusts its arguments, so every call is checked here first)."""
         return (
-            x.dtype is self.dtype
-            and y.dtype is self.dtype
+            x.dtype in self._fns
+            and y.dtype is x.dtype
             and x.dim() == 2
             and y.dim() == 2
             and x.stride(1) == 1
@@ -135,7 +140,8 @@ class LayerCall:
     def __call__(self, y: torch.Tensor, x: torch.Tensor, groups: tuple, scale: float) -> None:
         """y[t] += LoRA delta of every grouped row t, in place; ``groups`` is
         ``group_args(rows, slots, ends)`` of the step. Call ``fits`` first."""
-        self._fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *self._const, *groups, scale)
+        fn = self._fns[x.dtype]
+        fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *self._const, *groups, scale)
 
 
 def bind(a_stacked, b_stacked) -> None:

@@ -1,6 +1,7 @@
 // Fused multi-LoRA linear op for the CPU: for every token group (the tokens of one adapter slot),
 // shrink (x @ A) and expand (h @ B) in one pass, reading each present adapter's weights once per
-// call, in the model's dtype (bf16 or float32) with float32 accumulation.
+// call, in the LoRA dtype (bf16 or float32; bf16 weights also with float32 activations) with
+// float32 accumulation.
 //
 // Built by serving/cpu_lora/kernel.py with g++ -O3 -march=native -fopenmp and called through
 // ctypes; no torch headers. The OpenMP runtime is the libgomp.so.1 torch has already loaded.
@@ -82,11 +83,11 @@ inline f32x8 vload8(const uint16_t* p) {  // 8 bf16 -> 8 float
 
 // Shrink of M rows (1..kRowBlock), register-blocked: h[i][j0 + 8c + l] for NC vectors of
 // columns, summed over K in order. A is read once per tile, row after row.
-template <class D, int M, int NC>
-void shrink_tile(const float* xf, const typename D::T* A, int64_t K, int64_t R, int64_t j0,
+template <class W, int M, int NC>
+void shrink_tile(const float* xf, const typename W::T* A, int64_t K, int64_t R, int64_t j0,
                  float* h) {
   f32x8 acc[M][NC] = {};
-  const int64_t row_bytes = R * static_cast<int64_t>(sizeof(typename D::T));
+  const int64_t row_bytes = R * static_cast<int64_t>(sizeof(typename W::T));
   const int64_t ahead = kPrefetchBytes / row_bytes > 1 ? kPrefetchBytes / row_bytes : 1;
   for (int64_t k = 0; k < K; ++k) {
     __builtin_prefetch(A + (k + ahead) * R + j0);
@@ -101,13 +102,13 @@ void shrink_tile(const float* xf, const typename D::T* A, int64_t K, int64_t R, 
     for (int c = 0; c < NC; ++c) std::memcpy(h + i * R + j0 + c * kVec8, &acc[i][c], sizeof(f32x8));
 }
 
-template <class D, int M>
-void shrink(const float* xf, const typename D::T* A, int64_t K, int64_t R, float* h) {
+template <class W, int M>
+void shrink(const float* xf, const typename W::T* A, int64_t K, int64_t R, float* h) {
   int64_t j0 = 0;
-  for (; j0 + kMaxNC * kVec8 <= R; j0 += kMaxNC * kVec8) shrink_tile<D, M, kMaxNC>(xf, A, K, R, j0, h);
+  for (; j0 + kMaxNC * kVec8 <= R; j0 += kMaxNC * kVec8) shrink_tile<W, M, kMaxNC>(xf, A, K, R, j0, h);
   switch ((R - j0) / kVec8) {
-    case 2: shrink_tile<D, M, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec8; break;
-    case 1: shrink_tile<D, M, 1>(xf, A, K, R, j0, h); j0 += kVec8; break;
+    case 2: shrink_tile<W, M, 2>(xf, A, K, R, j0, h); j0 += 2 * kVec8; break;
+    case 1: shrink_tile<W, M, 1>(xf, A, K, R, j0, h); j0 += kVec8; break;
     default: break;
   }
   if (j0 < R) {  // columns past the last full vector (ranks that are not multiples of 8)
@@ -115,14 +116,14 @@ void shrink(const float* xf, const typename D::T* A, int64_t K, int64_t R, float
       for (int64_t j = j0; j < R; ++j) h[i * R + j] = 0.f;
     for (int64_t k = 0; k < K; ++k)
       for (int i = 0; i < M; ++i)
-        for (int64_t j = j0; j < R; ++j) h[i * R + j] += xf[i * K + k] * D::load(A[k * R + j]);
+        for (int64_t j = j0; j < R; ++j) h[i * R + j] += xf[i * K + k] * W::load(A[k * R + j]);
   }
 }
 
 // A tiled expand's NC vectors of columns n0.. of one slice: out[i][n] = sum over the slice's
 // ranks j (in order) of h[i][j] * B[j][n].
-template <class D, int M, int NC>
-void expand_tile(const float* hs, int64_t R, const typename D::T* B, int64_t N, int64_t r,
+template <class W, int M, int NC>
+void expand_tile(const float* hs, int64_t R, const typename W::T* B, int64_t N, int64_t r,
                  int64_t n0, float* out) {
   f32x8 acc[M][NC] = {};
   for (int64_t j = 0; j < r; ++j) {
@@ -141,32 +142,32 @@ void expand_tile(const float* hs, int64_t R, const typename D::T* B, int64_t N, 
 // NC 8-vectors of columns summed over the slice's ranks in order. B is read once per block; the
 // streaming expand this replaced (out updated in memory, rank after rank) ran at half the speed
 // even for one-row groups (decode with many adapters) on AVX2.
-template <class D, int M>
-void expand(const float* h, int64_t R, const typename D::T* B, int64_t N, int64_t r,
+template <class W, int M>
+void expand(const float* h, int64_t R, const typename W::T* B, int64_t N, int64_t r,
             int64_t n_slices, const int64_t* col, float* out) {
   for (int64_t s = 0; s < n_slices; ++s) {
     const float* hs = h + s * r;
     int64_t n0 = col[s];
     for (; n0 + kMaxNC * kVec8 <= col[s + 1]; n0 += kMaxNC * kVec8)
-      expand_tile<D, M, kMaxNC>(hs, R, B, N, r, n0, out);
+      expand_tile<W, M, kMaxNC>(hs, R, B, N, r, n0, out);
     switch ((col[s + 1] - n0) / kVec8) {
-      case 2: expand_tile<D, M, 2>(hs, R, B, N, r, n0, out); n0 += 2 * kVec8; break;
-      case 1: expand_tile<D, M, 1>(hs, R, B, N, r, n0, out); n0 += kVec8; break;
+      case 2: expand_tile<W, M, 2>(hs, R, B, N, r, n0, out); n0 += 2 * kVec8; break;
+      case 1: expand_tile<W, M, 1>(hs, R, B, N, r, n0, out); n0 += kVec8; break;
       default: break;
     }
     for (; n0 < col[s + 1]; ++n0)  // columns past the last full vector
       for (int i = 0; i < M; ++i) {
         float sum = 0.f;
-        for (int64_t j = 0; j < r; ++j) sum += hs[i * R + j] * D::load(B[j * N + n0]);
+        for (int64_t j = 0; j < r; ++j) sum += hs[i * R + j] * W::load(B[j * N + n0]);
         out[i * N + n0] = sum;
       }
   }
 }
 
 // One block of M rows of one group.
-template <class D, int M>
+template <class D, class W, int M>
 void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
-           const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
+           const typename W::T* A, const typename W::T* B, int64_t K, int64_t r,
            int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows, float scale,
            float* xf, float* h, float* out) {
   const int64_t R = n_slices * r;
@@ -175,10 +176,10 @@ void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y
     for (int64_t k = 0; k < K; ++k) xf[i * K + k] = D::load(xr[k]);
   }
   // Shrink: h = round(scale * x @ A).
-  shrink<D, M>(xf, A, K, R, h);
+  shrink<W, M>(xf, A, K, R, h);
   for (int64_t j = 0; j < M * R; ++j) h[j] = D::round(h[j] * scale);
   // Expand: y[:, col[s]:col[s+1]] += round(h[:, s*r:(s+1)*r] @ B[:, col[s]:col[s+1]]).
-  expand<D, M>(h, R, B, N, r, n_slices, col, out);
+  expand<W, M>(h, R, B, N, r, n_slices, col, out);
   for (int i = 0; i < M; ++i) {
     typename D::T* yr = y + rows[i] * y_stride;
     const float* oi = out + i * N;
@@ -187,23 +188,23 @@ void block(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y
   }
 }
 
-template <class D>
+template <class D, class W>
 void block_m(int64_t m, const typename D::T* x, int64_t x_stride, typename D::T* y,
-             int64_t y_stride, const typename D::T* A, const typename D::T* B, int64_t K,
+             int64_t y_stride, const typename W::T* A, const typename W::T* B, int64_t K,
              int64_t r, int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
              float scale, float* xf, float* h, float* out) {
   switch (m) {
 #define TL_BLOCK(M) \
-  case M: block<D, M>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, scale, xf, h, out); break;
+  case M: block<D, W, M>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, scale, xf, h, out); break;
     TL_BLOCK(1) TL_BLOCK(2) TL_BLOCK(3) TL_BLOCK(4)
 #undef TL_BLOCK
     default: break;
   }
 }
 
-template <class D>
+template <class D, class W>
 void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int64_t y_stride,
-                 const typename D::T* A, const typename D::T* B, int64_t K, int64_t r,
+                 const typename W::T* A, const typename W::T* B, int64_t K, int64_t r,
                  int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
                  int64_t n_groups, const int64_t* slots, const int64_t* ends, float scale) {
   const int64_t R = n_slices * r;
@@ -226,7 +227,7 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t s = item_slot[it];
-      block_m<D>(item_len[it], x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r,
+      block_m<D, W>(item_len[it], x, x_stride, y, y_stride, A + s * K * R, B + s * r * N, K, r,
                  n_slices, col, N, rows + item_start[it], scale, xf.data(), h.data(),
                  out.data());
     }
@@ -237,14 +238,14 @@ void lora_linear(const typename D::T* x, int64_t x_stride, typename D::T* y, int
 
 extern "C" {
 
-int tl_lora_abi_version() { return 1; }
+int tl_lora_abi_version() { return 2; }
 
 void tl_lora_linear_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
                          const uint16_t* A, const uint16_t* B, int64_t K, int64_t r,
                          int64_t n_slices, const int64_t* col, int64_t N, const int64_t* rows,
                          int64_t n_groups, const int64_t* slots, const int64_t* ends,
                          float scale) {
-  lora_linear<BF16>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
+  lora_linear<BF16, BF16>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
                     ends, scale);
 }
 
@@ -252,8 +253,19 @@ void tl_lora_linear_f32(const float* x, int64_t x_stride, float* y, int64_t y_st
                         const float* A, const float* B, int64_t K, int64_t r, int64_t n_slices,
                         const int64_t* col, int64_t N, const int64_t* rows, int64_t n_groups,
                         const int64_t* slots, const int64_t* ends, float scale) {
-  lora_linear<F32>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
+  lora_linear<F32, F32>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups, slots,
                    ends, scale);
+}
+
+// float32 activations with bf16 weights (vLLM's --lora-dtype bfloat16 on a float32 model): half
+// the weight bytes, and with many adapters in a step the kernel is bound by reading them.
+void tl_lora_linear_f32_bf16w(const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                              const uint16_t* A, const uint16_t* B, int64_t K, int64_t r,
+                              int64_t n_slices, const int64_t* col, int64_t N,
+                              const int64_t* rows, int64_t n_groups, const int64_t* slots,
+                              const int64_t* ends, float scale) {
+  lora_linear<F32, BF16>(x, x_stride, y, y_stride, A, B, K, r, n_slices, col, N, rows, n_groups,
+                         slots, ends, scale);
 }
 
 }  // extern "C"

@@ -10,7 +10,8 @@ What it changes, on the CPU platform of vLLM 0.32.0 only:
   ``lora_a_stacked``/``lora_b_stacked`` become views into one stacked tensor each, so the
   projections that share an input (q/k/v, gate/up) run as one shrink and one expand. With the
   fused C++ kernel (serving/cpu_lora/kernel.py, built with g++ on first use) the storage keeps
-  the model's dtype and a compact expand, and each layer is one kernel call; without a compiler
+  the LoRA dtype (vLLM's ``--lora-dtype``, the model's by default) and a compact expand, and each
+  layer is one kernel call (bf16 weights also under a float32 model); without a compiler
   it is float32 for PyTorch's grouped GEMM (``ops.grouped_lora_linear``);
 - compilation: vLLM's CPU platform compiles nothing when LoRA is on; with the wrapper's LoRA call
   one opaque custom op, the model is compiled as it is without LoRA (``--enforce-eager`` still

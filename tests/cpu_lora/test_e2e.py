@@ -2,8 +2,10 @@
 compiled with torch.compile) equal those with it off (eager, vLLM's own LoRA ops), for one mixed
 batch (base-model requests and three adapters in one generate call, prefill and decode), except
 at an exact near-tie (checked with the log-probabilities; see the test), in the dtype the server
-picks on this machine. Each engine runs in its own subprocess, since the plugin
-is chosen per process by TENANTLORA_CPU_LORA_OPS. About two engine start-ups: 1-3 minutes.
+picks on this machine, and with bf16 adapter storage under a float32 model (``lora_dtype``). Each
+engine runs in its own subprocess, since the plugin is chosen per process by
+TENANTLORA_CPU_LORA_OPS. Three engine start-ups (four where the server's dtype is bf16): 2-5
+minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,11 +34,11 @@ from vllm.lora.request import LoRARequest
 from adapters.targets import LORA_TARGET_MODULES
 
 if __name__ == "__main__":
-    model, adapters, dtype = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    model, adapters, dtype, lora_dtype = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:5]
     # max_loras == number of adapters: every slot is taken, so the base requests' tokens (slot -1)
     # meet a non-empty last slot as well.
     llm = LLM(model=model, enable_lora=True, max_loras=len(adapters), max_lora_rank=16,
-              max_model_len=256, dtype=dtype, seed=0,
+              max_model_len=256, dtype=dtype, lora_dtype=lora_dtype, seed=0,
               lora_target_modules=list(LORA_TARGET_MODULES))
     prompts = ["The capital of France is", "Write a haiku about the sea.",
                "List three prime numbers:", "Once upon a time, in a small village,",
@@ -53,10 +56,12 @@ if __name__ == "__main__":
 """
 
 
-def _run(ops: str, base_model: Path, adapters: list[str]) -> dict:
+def _run(
+    ops: str, base_model: Path, adapters: list[str], dtype: str = DTYPE, lora_dtype: str = "auto"
+) -> dict:
     env = dict(os.environ, TENANTLORA_CPU_LORA_OPS=ops, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(base_model), json.dumps(adapters), DTYPE],
+        [sys.executable, "-c", SCRIPT, str(base_model), json.dumps(adapters), dtype, lora_dtype],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -66,11 +71,23 @@ def _run(ops: str, base_model: Path, adapters: list[str]) -> dict:
     return result
 
 
-@pytest.mark.engine
-def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_dirs) -> None:
+@pytest.fixture(scope="module")
+def plugin_off(base_model_path: Path, adapter_dirs) -> Callable[[str], dict]:
+    """vLLM's own LoRA ops (eager), by model dtype, run once each."""
     adapters = [str(adapter_dirs[name]) for name in "abc"]
-    on, off = _run("1", base_model_path, adapters), _run("0", base_model_path, adapters)
+    runs: dict[str, dict] = {}
 
+    def get(dtype: str) -> dict:
+        if dtype not in runs:
+            runs[dtype] = _run("0", base_model_path, adapters, dtype)
+        return runs[dtype]
+
+    return get
+
+
+def _assert_same_greedy(on: dict, off: dict, dtype: str) -> None:
+    """The plugin's greedy outputs equal vLLM's own except at a near-tie, and each run used the
+    ops it should."""
     for i, (a, b) in enumerate(zip(on["mixed"], off["mixed"], strict=True)):
         if a == b:
             continue
@@ -85,7 +102,7 @@ def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_d
         off_top = off["top2"][i][p]
         gap = abs(off_top.get(str(b[p]), 0.0) - off_top.get(str(a[p]), float("-inf")))
         print(f"prompt {i}: on/off diverge at token {p}, log-prob gap there {gap:.4f}")
-        tie = tie_logprob_gap(DTYPE)
+        tie = tie_logprob_gap(dtype)
         assert p > 0 and gap <= tie, f"prompt {i}: on {a} vs off {b} (gap {gap})"
     assert sum(a != b for a, b in zip(on["mixed"], off["mixed"], strict=True)) <= 1
     assert "Using GroupedPunicaWrapperCPU" in on["log"]
@@ -95,9 +112,28 @@ def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_d
     # With the plugin the model is compiled with LoRA on (vLLM alone runs it eagerly).
     assert "compilation mode DYNAMO_TRACE_ONCE kept with LoRA on" in on["log"]
     assert "kept with LoRA on" not in off["log"]
+
+
+@pytest.mark.engine
+def test_plugin_on_equals_off_for_a_mixed_batch(base_model_path: Path, adapter_dirs, plugin_off):
+    adapters = [str(adapter_dirs[name]) for name in "abc"]
+    on = _run("1", base_model_path, adapters)
+    _assert_same_greedy(on, plugin_off(DTYPE), DTYPE)
     # Sanity: the adapters change outputs (most of the adapter prompts differ from the base), and
     # the base requests in the mixed batch start like the base alone (a batch of another size may
     # round differently later on, with or without the plugin).
     n = len(on["base"])
     assert sum(on["mixed"][i] != on["base"][i] for i in range(n) if i % 4) >= 3
     assert all(on["mixed"][i][:4] == on["base"][i][:4] for i in range(0, n, 4))
+
+
+@pytest.mark.engine
+def test_bf16_adapter_weights_under_a_float32_model(
+    base_model_path: Path, adapter_dirs, plugin_off
+):
+    """``lora_dtype=bfloat16`` on a float32 model (the benchmark's setting on AVX2 CPUs): the
+    kernel reads bf16 weights with float32 activations. The test adapters are bf16-exact, so the
+    answers must be vLLM's own with float32 adapter storage, up to float32 near-ties."""
+    adapters = [str(adapter_dirs[name]) for name in "abc"]
+    on = _run("1", base_model_path, adapters, "float32", "bfloat16")
+    _assert_same_greedy(on, plugin_off("float32"), "float32")

@@ -265,6 +265,38 @@ def test_kernel_matches_reference(layer, case):
         assert not torch.equal(got[~none], y0[~none]), "the adapters must change the output"
 
 
+MIXED_CASES = [  # tokens, slots, adapters used, rank, share without adapter, scale
+    (32, 8, 1, 16, 0.0, 1.0),
+    (32, 33, 32, 16, 0.1, 1.0),
+    (37, 8, 5, 8, 0.3, 2.0),
+    (300, 4, 1, 16, 0.0, 1.0),
+    (9, 4, 3, 24, 0.0, 0.25),
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS + [(100, (50, 30))], ids=lambda lay: f"k{lay[0]}-{lay[1]}")
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: f"t{c[0]}-a{c[2]}-r{c[3]}")
+def test_kernel_bf16_weights_with_float32_activations(layer, case):
+    """vLLM's ``--lora-dtype bfloat16`` on a float32 model: bf16 weight storage, float32 x and y.
+    vLLM's reference converts the weights to float32 and sums in float32, so the results agree
+    as float32 ones do."""
+    tokens, slots, used, rank, none_share, scale = case
+    k, outs = layer
+    a, b, sa, sb = _compact_weights(slots, k, outs, rank, torch.bfloat16, seed=tokens + used)
+    assert sa.cat.dtype == torch.bfloat16
+    float_case = (torch.float32, tokens, slots, used, rank, none_share, scale)
+    token_slots, x, y0, want = _case_batch(float_case, layer, a, b, seed=tokens * 3 + rank)
+    assert x.dtype == y0.dtype == torch.float32
+    got = y0.clone()
+    groups = group_tokens(token_slots, slots)
+    assert sb.kernel_call.fits(got, x, tokens, groups.max_slot)
+    _kernel_lora_linear(got, x, sa, sb, groups, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    none = token_slots < 0
+    assert torch.equal(got[none], y0[none])
+    assert not torch.equal(got[~none], y0[~none])
+
+
 def test_kernel_reads_strided_rows_and_leaves_other_rows_alone():
     """x as a column slice of a wider tensor (row stride > K) and y as rows of a bigger buffer."""
     a, b, sa, sb = _compact_weights(4, 64, (32, 16), 8, torch.bfloat16, seed=5)
@@ -336,9 +368,11 @@ def test_layer_call_refuses_what_it_was_not_bound_for():
     gen = torch.Generator().manual_seed(9)
     x, y = torch.randn(5, k, generator=gen).bfloat16(), torch.randn(5, 48, generator=gen).bfloat16()
     assert call.fits(y, x, 5, slots - 1)
+    assert call.fits(y.float(), x.float(), 5, slots - 1)  # bf16 weights, float32 model
     refused = {
         "x dtype": (y, x.float(), 5, 0),
         "y dtype": (y.half(), x, 5, 0),
+        "float16 x and y": (y.half(), x.half(), 5, 0),
         "x column stride": (y, torch.randn(k, 5).bfloat16().T, 5, 0),
         "y column stride": (torch.randn(48, 5).bfloat16().T, x, 5, 0),
         "K": (y, torch.randn(5, k + 1).bfloat16(), 5, 0),
