@@ -147,7 +147,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
     parser.add_argument(
         "--lora-dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
+        choices=["auto", "bfloat16", "float16"],
         help="Every vLLM engine's lora_dtype (default: bfloat16 under a float32 model, the "
         "adapters being bf16; else the model's)",
     )

@@ -24,7 +24,7 @@ _SERVE_FLAGS: dict[str, dict] = {
     "memory_share": {"type": float},
     "kv_cache_gib": {"type": float},
     "dtype": {"type": str},
-    "lora_dtype": {"type": str, "choices": ["auto", "bfloat16", "float16", "float32"]},
+    "lora_dtype": {"type": str, "choices": ["auto", "bfloat16", "float16"]},
     "max_num_seqs": {"type": int},
     "cpu_threads": {"type": int},
     "max_adapter_bytes": {"type": int},

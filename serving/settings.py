@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         "native bf16 (AVX-512 BF16, AMX, Arm BF16); float32 on other CPUs, where torch's bf16 "
         "matmuls are about 10x slower than float32 ones.",
     )
-    lora_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    lora_dtype: Literal["auto", "bfloat16", "float16"] = Field(
         "auto",
         description="Adapter weights' dtype in the engine (vLLM lora_dtype). auto: the model's. "
         "bfloat16 under a float32 model (AVX2 CPUs) halves the bytes each step reads per adapter: "
