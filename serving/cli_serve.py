@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import get_args
 
 from serving.cli import LOG_LEVELS
 from serving.settings import Settings
@@ -24,7 +25,10 @@ _SERVE_FLAGS: dict[str, dict] = {
     "memory_share": {"type": float},
     "kv_cache_gib": {"type": float},
     "dtype": {"type": str},
-    "lora_dtype": {"type": str, "choices": ["auto", "bfloat16", "float16"]},
+    "lora_dtype": {
+        "type": str,
+        "choices": get_args(Settings.model_fields["lora_dtype"].annotation),
+    },
     "max_num_seqs": {"type": int},
     "cpu_threads": {"type": int},
     "max_adapter_bytes": {"type": int},

@@ -104,14 +104,13 @@ class LayerCall:
     bf16 weights (vLLM's ``--lora-dtype bfloat16`` on a float32 model: half the bytes to read).
     """
 
-    __slots__ = ("a", "b", "cols", "dtype", "slots", "k", "n", "_fns", "_const")
+    __slots__ = ("a", "b", "cols", "slots", "k", "n", "_fns", "_const")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor):
         lib = load()
         if lib is None:
             raise RuntimeError("the CPU LoRA kernel is not available")
         self.a, self.b, self.cols = a, b, cols  # keep the storage alive
-        self.dtype = a.dtype
         self.slots, self.k, self.n = a.shape[0], a.shape[1], b.shape[2]
         self._fns = (  # by the activations' dtype
             {torch.bfloat16: lib.tl_lora_linear_bf16, torch.float32: lib.tl_lora_linear_f32_bf16w}
