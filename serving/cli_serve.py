@@ -65,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-cpu-lora-ops runs vLLM's own).",
     )
     serve.add_argument(
+        "--cpu-worker-process",
+        dest="cpu_worker_process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=Settings.model_fields["cpu_worker_process"].description,
+    )
+    serve.add_argument(
         "--enforce-eager",
         dest="enforce_eager",
         action="store_true",

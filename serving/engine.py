@@ -51,6 +51,10 @@ def engine_kwargs(
         # Fair sharing: admission sets each request's priority (serving/admission.py).
         scheduling_policy="priority",
     )
+    if not gpu and not settings.cpu_worker_process:
+        from serving.vllm_compat import in_process_executor
+
+        kwargs["distributed_executor_backend"] = in_process_executor()
     if served_name:
         kwargs["served_model_name"] = [served_name]
     if settings.reasoning_parser:  # the engine needs it too (thinking budgets, structured output)

@@ -46,3 +46,30 @@ def test_cpu_max_loras_default() -> None:
     assert Settings().effective_max_loras(gpu=True) == 4
     assert Settings(max_loras=2).effective_max_loras(gpu=False) == 2
     assert Settings(max_cpu_loras=8).adapter_cache_size(gpu=False) == 32
+
+
+def test_cpu_engine_runs_the_model_in_process() -> None:
+    """On a CPU the engine core runs the model itself (vLLM's uni-process executor, given as a
+    class so vLLM's CPU platform keeps it); --cpu-worker-process and a GPU keep vLLM's choice."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    cpu = engine.engine_kwargs(Settings(), "model", gpu=False)
+    assert cpu["distributed_executor_backend"] is UniProcExecutor
+    worker = engine.engine_kwargs(Settings(cpu_worker_process=True), "model", gpu=False)
+    assert "distributed_executor_backend" not in worker
+    assert "distributed_executor_backend" not in engine.engine_kwargs(Settings(), "m", gpu=True)
+
+
+def test_cpu_worker_process_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("TENANTLORA_CPU_WORKER_PROCESS", "true")
+    assert Settings().cpu_worker_process is True
+
+
+def test_bad_lora_dtype_is_refused(monkeypatch) -> None:
+    """A LoRA dtype vLLM would refuse (float32) or a typo fails at start-up, naming the choices."""
+    from pydantic import ValidationError
+
+    for value in ("float32", "bf16", ""):
+        monkeypatch.setenv("TENANTLORA_LORA_DTYPE", value)
+        with pytest.raises(ValidationError, match="auto"):
+            Settings()
