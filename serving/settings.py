@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         description="Run the model in a worker process of its own on a CPU (vLLM's multiprocess "
         "executor, its CPU default). Off: the engine-core process runs the model itself (vLLM's "
         "uni-process executor), so no process busy-waits on the worker beside the compute "
-        "threads; one request alone on a 2-core host: about 55 -> 36 ms a token.",
+        "threads; one request alone on a 2-core host: 65-72 -> 38-46 ms a token.",
     )
     cpu_threads: int | None = Field(
         None,
