@@ -70,9 +70,9 @@ def in_process_executor() -> type:
     beside the engine core), and the engine core then busy-waits (sched_yield) for each step's
     result. On a small host that spinning thread shares the cores with the compute threads:
     one request alone ran at 65-72 ms a token with it and 38-46 ms without it (2-core AVX2
-    EPYC, SmolLM2-135M float32, LoRA on, through the server). Given as a class, the choice is kept. The engine core is
-    spawned after vLLM's CPU platform set its environment (libgomp/tcmalloc preload, thread
-    binding), so it inherits the settings vLLM's worker process would get."""
+    EPYC, SmolLM2-135M float32, LoRA on, through the server). Given as a class, the choice is
+    kept. The engine core is spawned after vLLM's CPU platform set its environment
+    (libgomp/tcmalloc preload, thread binding), so it inherits what the worker would get."""
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
     return UniProcExecutor

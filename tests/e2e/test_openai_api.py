@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import openai
+import psutil
 import pytest
 
 PROMPT = "Write one sentence about the sea."
@@ -141,3 +142,15 @@ def test_prompt_longer_than_context_is_400_and_server_keeps_serving(live_server,
     ok = client.chat.completions.create(model="a", messages=CHAT, **GREEDY)
     assert ok.choices[0].message.content
     assert httpx.get(f"{live_server.url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_engine_core_runs_the_model_without_a_worker_process(live_server, tenant_key):
+    """On a CPU the engine core runs the model itself (serving.vllm_compat.in_process_executor):
+    the server's process tree has vLLM's engine core and no worker process beside it."""
+    r = live_server.client(tenant_key).completions.create(
+        model=live_server.base_model_name, prompt="Hello", max_tokens=2, temperature=0
+    )
+    assert r.usage.completion_tokens == 2
+    names = [p.name() for p in psutil.Process(live_server.proc.pid).children(recursive=True)]
+    assert any("EngineCore" in n for n in names), names
+    assert not any("Worker" in n for n in names), names
