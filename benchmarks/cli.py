@@ -11,6 +11,9 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
+
+from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loras", type=int, help="Every engine's max_loras (default: ours)")
     parser.add_argument(
         "--lora-dtype",
-        choices=["auto", "bfloat16", "float16"],
+        choices=get_args(Settings.model_fields["lora_dtype"].annotation),
         help="Every vLLM engine's lora_dtype (default: bfloat16 under a float32 model, the "
         "adapters being bf16; else the model's)",
     )
